@@ -1,0 +1,97 @@
+"""TracedProducer throughput as a ratio of a plain confluent_kafka.Producer.
+
+Same process, same librdkafka mock cluster (3 brokers), 100-byte values, keyed
+messages, a delivery callback in both. Rounds alternate plain and traced so that
+machine noise hits both alike; the figure is the median of the per-round ratios.
+
+    .venv/bin/python bench/bench_producer.py --messages 200000 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import confluent_kafka
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from collector import TracedProducer  # noqa: E402
+
+
+def run(cls: type, conf: dict, n: int, value: bytes, keys: list[bytes], per_message_cb: bool, **kw: object) -> float:
+    delivered = [0]
+
+    def on_delivery(err: object, msg: object) -> None:
+        delivered[0] += 1
+
+    conf = dict(conf)
+    if not per_message_cb:
+        conf["on_delivery"] = on_delivery
+    p = cls(conf, **kw)
+    nkeys = len(keys)
+    t0 = time.perf_counter()
+    for i in range(n):
+        while True:
+            try:
+                if per_message_cb:
+                    p.produce("bench", value, keys[i % nkeys], on_delivery=on_delivery)
+                else:
+                    p.produce("bench", value, keys[i % nkeys])
+                break
+            except BufferError:
+                p.poll(0.005)
+        p.poll(0)
+    p.flush(60)
+    elapsed = time.perf_counter() - t0
+    if delivered[0] != n:
+        raise SystemExit(f"{cls.__name__}: {delivered[0]} of {n} delivery reports")
+    if isinstance(p, TracedProducer):
+        status = p.trace_status()
+        p.close()
+        if status["dropped"] or status["internal_errors"]:
+            raise SystemExit(f"tracing lost events: {status}")
+    return n / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sink", choices=["kafka", "duckdb"], default="kafka")
+    ap.add_argument("--per-message-callback", action="store_true", help="pass on_delivery to every produce()")
+    args = ap.parse_args()
+
+    cluster = confluent_kafka.Producer({"test.mock.num.brokers": 3})
+    brokers = cluster.list_topics(timeout=10).brokers.values()
+    bootstrap = ",".join(f"{b.host}:{b.port}" for b in brokers)
+    tmp = Path(tempfile.mkdtemp(prefix="kt-bench-"))
+    sink = f"kafka://{bootstrap}/_keytrace.events" if args.sink == "kafka" else f"duckdb://{tmp / 'bench.duckdb'}"
+    conf = {"bootstrap.servers": bootstrap, "linger.ms": 5}
+    value = b"v" * 100
+    keys = [f"customer-{i}".encode() for i in range(10_000)]
+    opts = {"sink": sink, "trace_options": {"spool_dir": str(tmp / "spool")}}
+
+    run(confluent_kafka.Producer, conf, 20_000, value, keys, args.per_message_callback)  # warm up topic/metadata
+    ratios, plain_rates, traced_rates = [], [], []
+    for r in range(args.rounds):
+        plain = run(confluent_kafka.Producer, conf, args.messages, value, keys, args.per_message_callback)
+        traced = run(TracedProducer, conf, args.messages, value, keys, args.per_message_callback, **opts)
+        plain_rates.append(plain)
+        traced_rates.append(traced)
+        ratios.append(traced / plain)
+        print(f"round {r + 1}: plain {plain:,.0f} msg/s  traced {traced:,.0f} msg/s  ratio {traced / plain:.3f}")
+    print(
+        f"\nmessages/round={args.messages} sink={args.sink} per_message_callback={args.per_message_callback}\n"
+        f"plain  median {statistics.median(plain_rates):,.0f} msg/s\n"
+        f"traced median {statistics.median(traced_rates):,.0f} msg/s\n"
+        f"ratio  median {statistics.median(ratios):.3f}  (min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

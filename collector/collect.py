@@ -1,0 +1,143 @@
+"""The collector: consume the events topic into the store, at least once, without duplicates.
+
+Offsets are committed only after DuckDB has committed the batches they cover, so a
+crash at any point re-delivers, and the store skips batches it already holds.
+Records that are not keytrace batches go to the dead-letter table and are counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import confluent_kafka
+from confluent_kafka import TopicPartition
+
+from collector.options import DEFAULT_EVENTS_TOPIC
+from collector.schema import BatchError, from_ipc
+
+log = logging.getLogger("keytrace.collect")
+
+
+@dataclass
+class CollectorStats:
+    records: int = 0
+    batches: int = 0
+    rows: int = 0
+    duplicates_skipped: int = 0
+    dead_letters: int = 0
+    store_errors: int = 0
+    last_error: str | None = None
+    last_ingest_at: float | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+class Collector:
+    """Moves batches from the events topic into a Store. One instance per store file."""
+
+    def __init__(
+        self,
+        store: Any,
+        bootstrap_servers: str,
+        topic: str = DEFAULT_EVENTS_TOPIC,
+        group_id: str = "keytrace-collector",
+        consumer_conf: dict[str, Any] | None = None,
+        max_records: int = 500,
+    ) -> None:
+        self.store = store
+        self.topic = topic
+        self.max_records = max_records
+        conf = {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": group_id,
+            "client.id": "keytrace-collector",
+            "auto.offset.reset": "earliest",
+            # Offsets move only after the store commits: never let librdkafka commit on its own.
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            # Events batches can be near 1 MB each; fetch several at a time.
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "allow.auto.create.topics": True,
+        }
+        conf.update(consumer_conf or {})
+        self.consumer = confluent_kafka.Consumer(conf)
+        self.consumer.subscribe([topic])
+        self.stats = CollectorStats()
+        self._stop = threading.Event()
+
+    def step(self, timeout: float = 0.5) -> int:
+        """Consume up to max_records, store them, then commit. Returns rows stored."""
+        msgs = self.consumer.consume(self.max_records, timeout)
+        if not msgs:
+            return 0
+        batches = []
+        dead: list[tuple[str, str, bytes]] = []
+        commit: dict[tuple[str, int], int] = {}
+        first: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            if m.error() is not None:
+                if m.error().code() != confluent_kafka.KafkaError._PARTITION_EOF:
+                    self.stats.last_error = m.error().str()
+                    log.warning("events topic: %s", m.error().str())
+                continue
+            tp = (m.topic(), m.partition())
+            first.setdefault(tp, m.offset())
+            commit[tp] = m.offset() + 1
+            self.stats.records += 1
+            value = m.value() or b""
+            try:
+                batches.extend(from_ipc(value))
+            except BatchError as exc:
+                dead.append((f"{m.topic()}/{m.partition()}@{m.offset()}", str(exc), value))
+        try:
+            for source, reason, payload in dead:
+                self.store.dead_letter(source, reason, payload)
+            rows = self.store.ingest(batches) if batches else 0
+        except Exception as exc:
+            # Nothing is committed: rewind so that these records are read again.
+            self.stats.store_errors += 1
+            self.stats.last_error = f"store refused {len(batches)} batches: {type(exc).__name__}: {exc}"
+            log.error("%s (offsets not committed; will retry)", self.stats.last_error)
+            for (topic, partition), offset in first.items():
+                try:
+                    self.consumer.seek(TopicPartition(topic, partition, offset))
+                except confluent_kafka.KafkaException:
+                    pass
+            raise
+        self.stats.dead_letters += len(dead)
+        self.stats.batches += len(batches)
+        self.stats.rows += rows
+        self.stats.last_ingest_at = time.time()
+        if commit:
+            self.consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in commit.items()],
+                asynchronous=False,
+            )
+        return rows
+
+    def run(self, stop: threading.Event | None = None, retry_backoff_s: float = 2.0, fail_fast: bool = False) -> None:
+        stop = stop or self._stop
+        while not stop.is_set():
+            try:
+                self.step()
+            except confluent_kafka.KafkaException as exc:
+                self.stats.last_error = str(exc)
+                log.warning("collector: %s", exc)
+                stop.wait(retry_backoff_s)
+            except Exception:
+                if fail_fast:
+                    raise
+                stop.wait(retry_backoff_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self.consumer.close()
+        except RuntimeError:
+            pass
