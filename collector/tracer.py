@@ -413,7 +413,8 @@ class Shipper:
         self.spool_only = isinstance(self.sink, SpoolOnlySink)
         spool_dir = self.sink.path if isinstance(self.sink, SpoolOnlySink) else options.spool_dir
         self.spool = Spool(spool_dir or default_spool_dir(uri), options.spool_max_bytes)
-        self._tracers: weakref.WeakSet[Tracer] = weakref.WeakSet()
+        # Strong references: a client dropped without close() still gets its last events shipped.
+        self._tracers: set[Tracer] = set()
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self.stopped = False
@@ -436,8 +437,15 @@ class Shipper:
             self._tracers.add(tracer)
 
     def unregister(self, tracer: Tracer) -> None:
+        """Forget a closed client; the last one out stops the shipper and releases the sink."""
         with self._lock:
             self._tracers.discard(tracer)
+            last = not self._tracers
+        if last:
+            with Shipper._registry_lock:
+                if Shipper._registry.get(self.uri) is self:
+                    del Shipper._registry[self.uri]
+            self.stop(timeout=2.0)
 
     def _run(self) -> None:
         # pyarrow's first Python-object conversion pays a one-time setup; pay it here, idle.
