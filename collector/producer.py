@@ -98,10 +98,29 @@ class TracedProducer(confluent_kafka.Producer):
 
         def record_report(err: Any, msg: Any) -> None:
             if err is None:
-                ack((time_ns(), msg.topic(), msg.partition(), msg.offset(), msg.latency(), msg.key(), msg.timestamp()[1]))
+                ack(
+                    (
+                        time_ns(),
+                        msg.topic(),
+                        msg.partition(),
+                        msg.offset(),
+                        msg.latency(),
+                        msg.key(),
+                        msg.timestamp()[1],
+                    )
+                )
             else:
                 fail(
-                    (time_ns(), err, msg.topic(), msg.partition(), msg.offset(), msg.latency(), msg.key(), msg.timestamp()[1])
+                    (
+                        time_ns(),
+                        err,
+                        msg.topic(),
+                        msg.partition(),
+                        msg.offset(),
+                        msg.latency(),
+                        msg.key(),
+                        msg.timestamp()[1],
+                    )
                 )
 
         user_dr = conf.get("on_delivery") or conf.get("delivery.report.cb")

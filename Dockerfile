@@ -1,0 +1,26 @@
+# keytrace: collector, CLI and dashboard in one image.
+# docker build -t keytrace . && docker run -p 8501:8501 keytrace            (the demo)
+# docker run -p 8501:8501 -v "$PWD:/data" keytrace serve --bootstrap-servers broker:9092 --db /data/trace.duckdb --host 0.0.0.0
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN useradd --create-home --uid 10001 keytrace
+WORKDIR /app
+
+COPY pyproject.toml README.md ./
+COPY collector ./collector
+COPY dashboard ./dashboard
+COPY sample_data ./sample_data
+RUN pip install --no-cache-dir .
+
+USER 10001
+ENV KEYTRACE_SPOOL_DIR=/home/keytrace/.cache/keytrace/spool
+EXPOSE 8501
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8501/_stcore/health', timeout=4)"]
+ENTRYPOINT ["keytrace"]
+CMD ["demo", "--host", "0.0.0.0", "--port", "8501"]
