@@ -7,6 +7,7 @@ DuckDB lets one process own a file, so the pages query the collector's own Store
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 import tempfile
 import threading
@@ -32,10 +33,9 @@ def run_streamlit(host: str, port: int) -> None:
         "client.toolbarMode": "minimal",
         "theme.base": "light",
     }
-    import dashboard
-
+    app = Path(str(importlib.resources.files("dashboard").joinpath("app.py")))
     bootstrap.load_config_options(flag_options=flags)
-    bootstrap.run(str(Path(dashboard.__file__).with_name("app.py")), False, [], flags)
+    bootstrap.run(str(app), False, [], flags)
 
 
 def start_collector(db: str, bootstrap_servers: str, events_topic: str) -> tuple[Any, Any, threading.Event]:
