@@ -8,8 +8,8 @@ from typing import Any
 
 import confluent_kafka
 
-from collector import schema
-from collector.options import redact
+from collector import native, schema
+from collector.options import redact, use_native
 from collector.producer import build_options, install_common_callbacks, split_conf
 from collector.tracer import Tracer, wrap_callback
 
@@ -46,7 +46,8 @@ class TracedConsumer(confluent_kafka.Consumer):
         options, sink_uri = build_options(conf, own)
         user_conf = dict(conf)
         group = conf.get("group.id")
-        tracer = Tracer("consumer", str(conf.get("client.id", "rdkafka")), group, options, sink_uri)
+        native_mode = use_native(options)
+        tracer = Tracer("consumer", str(conf.get("client.id", "rdkafka")), group, options, sink_uri, native=native_mode)
 
         def record_commit(err: Any, partitions: Any) -> None:
             failed = err is not None
@@ -62,7 +63,10 @@ class TracedConsumer(confluent_kafka.Consumer):
         conf["on_commit"] = wrap_callback(tracer, record_commit, conf.get("on_commit"))
         self._kt_record_commit = record_commit
         install_common_callbacks(tracer, conf, options)
+        if native_mode:
+            conf = native.configure(conf, tracer.src)
         super().__init__(conf)
+        self._kt_native = native_mode
         self._kt_tracer = tracer
         self._kt_consumes = tracer.consumes.append
         tracer.config(redact(user_conf))
@@ -86,14 +90,15 @@ class TracedConsumer(confluent_kafka.Consumer):
 
     def poll(self, *args: Any, **kwargs: Any) -> Any:
         msg = _poll(self, *args, **kwargs)
-        if msg is not None:
+        if msg is not None and not self._kt_native:
             self._kt_record(msg)
         return msg
 
     def consume(self, *args: Any, **kwargs: Any) -> Any:
         msgs = _consume(self, *args, **kwargs)
-        for msg in msgs:
-            self._kt_record(msg)
+        if not self._kt_native:
+            for msg in msgs:
+                self._kt_record(msg)
         return msgs
 
     def commit(self, *args: Any, **kwargs: Any) -> Any:

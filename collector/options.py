@@ -14,7 +14,16 @@ SINK_ENV = "KEYTRACE_SINK"
 SPOOL_ENV = "KEYTRACE_SPOOL_DIR"
 
 # Config keys whose values must never leave the process.
-_SECRET_MARKERS = ("password", "secret", "jaas", "token", "ssl.key.pem", "ssl.keystore", "oauthbearer.config", "basic.auth")
+_SECRET_MARKERS = (
+    "password",
+    "secret",
+    "jaas",
+    "token",
+    "ssl.key.pem",
+    "ssl.keystore",
+    "oauthbearer.config",
+    "basic.auth",
+)
 
 
 class TraceOptions(BaseModel):
@@ -27,6 +36,9 @@ class TraceOptions(BaseModel):
     resend_attempts: int = Field(0, ge=0, le=100, description="Total attempts per message; 0 or 1 turns resend off")
     resend_backoff_ms: int = Field(1000, ge=0, le=600_000)
     stats_interval_ms: int = Field(1000, ge=0, description="statistics.interval.ms used when the user set none")
+    native: bool | None = Field(
+        None, description="Record per-message events in librdkafka (collector/native); None: when available"
+    )
 
     @field_validator("sink")
     @classmethod
@@ -34,6 +46,18 @@ class TraceOptions(BaseModel):
         if v is not None and not v.startswith(("duckdb://", "kafka://", "spool://")):
             raise ValueError(f"sink URI {v!r} must start with duckdb://, kafka:// or spool://")
         return v
+
+
+def use_native(options: TraceOptions) -> bool:
+    """The native recorder, unless turned off ($KEYTRACE_NATIVE=0, native=False) or not buildable here."""
+    if options.native is False or os.environ.get("KEYTRACE_NATIVE", "1") == "0":
+        return False
+    from collector import native
+
+    available = native.available()
+    if options.native and not available:
+        raise ValueError(f"native recorder requested but unavailable: {native.unavailable_reason()}")
+    return available
 
 
 def resolve_sink(explicit: str | None, conf: dict[str, Any]) -> str:

@@ -13,8 +13,8 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError
 
-from collector import schema
-from collector.options import TraceOptions, redact, resolve_sink
+from collector import native, schema
+from collector.options import TraceOptions, redact, resolve_sink, use_native
 from collector.tracer import Tracer, size_of, wrap_callback
 
 _produce = confluent_kafka.Producer.produce
@@ -22,8 +22,9 @@ _flush = confluent_kafka.Producer.flush
 _close = getattr(confluent_kafka.Producer, "close", None)
 
 _OWN_KWARGS = ("sink", "resend_attempts", "resend_backoff_ms", "trace_options")
-# Order of produce()'s optional positional parameters after (topic, value, key).
-_POSITIONAL = ("partition", "on_delivery", "timestamp", "headers")
+# Order of produce()'s optional positional parameters after (topic, value, key), as
+# confluent-kafka's C implementation accepts them (its docstring omits `callback`).
+_POSITIONAL = ("partition", "callback", "on_delivery", "timestamp", "headers")
 # Failures that a later attempt can plausibly fix; others (too large, bad topic) would fail again.
 _RESENDABLE = {
     KafkaError._MSG_TIMED_OUT,
@@ -92,7 +93,11 @@ class TracedProducer(confluent_kafka.Producer):
         conf, own = split_conf(args, kwargs)
         options, sink_uri = build_options(conf, own)
         user_conf = dict(conf)
-        tracer = Tracer("producer", str(conf.get("client.id", "rdkafka")), None, options, sink_uri)
+        resend = options.resend_attempts if options.resend_attempts > 1 else 0
+        # The resend policy needs a Python callback per message; everything else can be
+        # recorded inside librdkafka by the native recorder when it is available.
+        native_mode = not resend and use_native(options)
+        tracer = Tracer("producer", str(conf.get("client.id", "rdkafka")), None, options, sink_uri, native=native_mode)
         ack = tracer.acks.append
         fail = tracer.failures.append
 
@@ -135,13 +140,19 @@ class TracedProducer(confluent_kafka.Producer):
                 return user_dr(err, msg)
             return None
 
-        conf["on_delivery"] = dr
+        if native_mode:
+            if user_dr is not None:
+                conf["on_delivery"] = user_dr
+            conf = native.configure(conf, tracer.src)
+        else:
+            conf["on_delivery"] = dr
         install_common_callbacks(tracer, conf, options)
         super().__init__(conf)
+        self._kt_native = native_mode
         self._kt_tracer = tracer
         self._kt_record_report = record_report
         self._kt_user_dr = user_dr
-        self._kt_resend = options.resend_attempts if options.resend_attempts > 1 else 0
+        self._kt_resend = resend
         self._kt_backoff_s = options.resend_backoff_ms / 1000.0
         self._kt_traces = itertools.count(1)
         self._kt_due: list[tuple[float, int, list]] = []
@@ -154,6 +165,12 @@ class TracedProducer(confluent_kafka.Producer):
     # -- the hot path -------------------------------------------------------------------
 
     def produce(self, topic: str, value: Any = None, key: Any = None, *args: Any, **kwargs: Any) -> None:
+        if self._kt_native:
+            try:
+                return _produce(self, topic, value, key, *args, **kwargs)
+            except BufferError:
+                self._kt_reject(time_ns(), topic, value, key, kwargs.get("partition", args[0] if args else None))
+                raise
         if args or kwargs or self._kt_resend:
             return self._kt_produce_full(topic, value, key, args, kwargs)
         t = time_ns()
@@ -200,8 +217,8 @@ class TracedProducer(confluent_kafka.Producer):
             kwargs[name] = v
         batch_cb = kwargs.pop("on_delivery", None) or kwargs.pop("callback", None)
         if batch_cb is not None:
-            kwargs["on_delivery"] = self._kt_per_message(batch_cb)
-        if isinstance(messages, list):
+            kwargs["on_delivery"] = batch_cb if self._kt_native else self._kt_per_message(batch_cb)
+        if isinstance(messages, list) and not self._kt_native:
             for m in messages:
                 if isinstance(m, dict) and m.get("callback") is not None:
                     m["callback"] = self._kt_per_message(m["callback"])
@@ -214,7 +231,7 @@ class TracedProducer(confluent_kafka.Producer):
                 part = m.get("partition", default_partition)
                 if "_error" in m:
                     self._kt_reject(t, topic, m.get("value"), m.get("key"), part, str(m["_error"]))
-                else:
+                elif not self._kt_native:
                     sends((t, topic, m.get("key"), size_of(m.get("value")), part, None))
             except Exception as exc:
                 self._kt_tracer.internal_error(exc)

@@ -93,8 +93,19 @@ def size_of(v: Any) -> int | None:
 class Tracer:
     """The trace buffers of one traced client instance. Appends only; never raises."""
 
-    def __init__(self, client_type: str, client_id: str, group_id: str | None, options: TraceOptions, sink_uri: str):
+    def __init__(
+        self,
+        client_type: str,
+        client_id: str,
+        group_id: str | None,
+        options: TraceOptions,
+        sink_uri: str,
+        native: bool = False,
+    ):
         self.src = int.from_bytes(os.urandom(8), "big")
+        # With the native recorder, per-message events are kept inside librdkafka
+        # (collector/native) and only drained here; the lists below stay empty.
+        self.native = native
         self.client_type = client_type
         self.client_id = client_id
         self.group_id = group_id
@@ -141,12 +152,21 @@ class Tracer:
         if self.internal_errors <= 10 or self.internal_errors % 1000 == 0:
             log.warning("keytrace internal error #%d (tracing continues): %s", self.internal_errors, self.last_error)
 
+    def native_dropped(self) -> int:
+        if not self.native:
+            return 0
+        from collector import native
+
+        st = native.status(self.src)
+        return st.dropped if st is not None else 0
+
     def status(self) -> dict[str, Any]:
         return {
             "sink": self.sink_uri,
+            "recorder": "native" if self.native else "python",
             "events_recorded": self.events_recorded,
             "spooled": self.spooled,
-            "dropped": self.dropped,
+            "dropped": self.dropped + self.native_dropped(),
             "internal_errors": self.internal_errors,
             "last_error": self.last_error or self.shipper.last_error,
             "spool_bytes": self.shipper.spool.bytes_used,
@@ -162,6 +182,10 @@ class Tracer:
         self.flush(timeout)
         self.closed = True
         self.shipper.unregister(self)
+        if self.native:
+            from collector import native
+
+            native.forget(self.src)
 
     # -- draining (shipper thread only) ---------------------------------------------
 
@@ -183,6 +207,8 @@ class Tracer:
         stats_docs = self._take(self.stats_docs)
         configs = self._take(self.configs)
         out: list[pa.RecordBatch] = []
+        if self.native:
+            out.extend(self._native_batches())
         n = len(sends) + len(acks) + len(failures) + len(consumes) + len(other)
         if n:
             self.events_recorded += n
@@ -192,6 +218,20 @@ class Tracer:
         if configs:
             out.append(self._configs_batch(configs))
         return out
+
+    def _native_batches(self) -> list[pa.RecordBatch]:
+        from collector import native
+
+        first = next(self._seq)
+        batch = native.drain(
+            self.src, first_seq=first, client_id=self.client_id, group_id=self.group_id, member_id=self.member_id
+        )
+        n = batch.num_rows if batch is not None else 0
+        self._seq = itertools.count(first + n)
+        if batch is None:
+            return []
+        self.events_recorded += n
+        return [batch.slice(i, MAX_BATCH_ROWS) for i in range(0, n, MAX_BATCH_ROWS)]
 
     def _seqs(self, n: int) -> pa.Array:
         first = next(self._seq)
@@ -354,7 +394,7 @@ class Tracer:
             elif f.name == "kt_spooled":
                 arrays.append(pa.array([self.spooled] * n, pa.int64()))
             elif f.name == "kt_dropped":
-                arrays.append(pa.array([self.dropped] * n, pa.int64()))
+                arrays.append(pa.array([self.dropped + self.native_dropped()] * n, pa.int64()))
             elif f.name == "kt_internal_errors":
                 arrays.append(pa.array([self.internal_errors] * n, pa.int64()))
             elif f.name in STAT_COLUMNS:
@@ -587,13 +627,20 @@ class Shipper:
             self.sink.close()
 
 
-@atexit.register
 def _flush_all_at_exit() -> None:
     for shipper in list(Shipper._registry.values()):
         try:
             shipper.stop(timeout=5.0)
         except Exception:  # pragma: no cover - interpreter is shutting down
             pass
+
+
+# Run before ordinary atexit handlers: DuckDB's own exit hook would otherwise refuse the
+# last Arrow insert ("the Python interpreter is shutting down").
+try:
+    threading._register_atexit(_flush_all_at_exit)  # type: ignore[attr-defined]
+except (AttributeError, RuntimeError):  # pragma: no cover - other interpreters
+    atexit.register(_flush_all_at_exit)
 
 
 def wrap_callback(tracer: Tracer, record: Callable[..., None], user: Callable[..., Any] | None) -> Callable[..., Any]:

@@ -59,3 +59,14 @@ def spool_sink(tmp_path: Path) -> tuple[str, Path]:
     """A spool:// sink: batches land as files that the test reads back."""
     directory = tmp_path / "trace-spool"
     return f"spool://{directory}", directory
+
+
+@pytest.fixture(params=["native", "python"])
+def recorder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with each per-message recorder: librdkafka's interceptor plugin, and pure Python."""
+    from collector import native
+
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native recorder unavailable: {native.unavailable_reason()}")
+    monkeypatch.setenv("KEYTRACE_NATIVE", "1" if request.param == "native" else "0")
+    return request.param

@@ -11,6 +11,8 @@ import pytest
 
 from collector import TracedConsumer, TracedProducer
 
+pytestmark = pytest.mark.usefixtures("recorder")
+
 
 def public_methods(cls: type) -> list[str]:
     return sorted(n for n, _ in inspect.getmembers(cls) if not n.startswith("_") and callable(getattr(cls, n)))
@@ -78,8 +80,15 @@ def test_produce_positional_and_keyword_arguments(mock_cluster: Any, mock_topic:
         assert err is None
         seen.append((msg.topic(), msg.partition(), msg.key()))
 
-    p = TracedProducer({"bootstrap.servers": mock_cluster.bootstrap_servers}, sink=f"duckdb://{tmp_path / 'a.duckdb'}")
-    p.produce(mock_topic, b"v", b"k1", 2, cb, 0, [("h", b"1")])
+    conf = {"bootstrap.servers": mock_cluster.bootstrap_servers}
+    p = TracedProducer(conf, sink=f"duckdb://{tmp_path / 'a.duckdb'}")
+    plain = confluent_kafka.Producer(conf)
+    # confluent-kafka's real positional order: partition, callback, on_delivery, timestamp, headers.
+    for producer in (plain, p):
+        with pytest.raises(TypeError):
+            producer.produce(mock_topic, b"v", b"k0", 2, cb, None, 0, "not headers")
+    plain.flush(5)
+    p.produce(mock_topic, b"v", b"k1", 2, cb, None, 0, [("h", b"1")])
     p.produce(mock_topic, value=b"v", key=b"k2", partition=3, on_delivery=cb, headers={"h": b"2"})
     p.produce(topic=mock_topic, value=b"v", key=b"k3", callback=cb)
     p.produce(mock_topic, b"v", b"k4", partition=1, timestamp=1_700_000_000_000, on_delivery=cb)

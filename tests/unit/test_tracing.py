@@ -16,6 +16,8 @@ from collector import TracedConsumer, TracedProducer
 from collector.mockcluster import MockCluster
 from collector.tracer import MAX_KEY_BYTES
 
+pytestmark = pytest.mark.usefixtures("recorder")
+
 
 def events_of(directory: Path) -> list[dict[str, Any]]:
     tables = read_spool(directory)
@@ -214,7 +216,7 @@ def test_consumer_records_consume_commit_and_rebalance(
     c = TracedConsumer(
         {
             "bootstrap.servers": mock_cluster.bootstrap_servers,
-            "group.id": "billing",
+            "group.id": f"billing-{mock_topic}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "on_commit": lambda err, parts: commits.append(err),
@@ -239,7 +241,7 @@ def test_consumer_records_consume_commit_and_rebalance(
     events = events_of(directory)
     consumes = [e for e in events if e["kind"] == "consume"]
     assert len(consumes) == 20
-    assert {e["group_id"] for e in consumes} == {"billing"}
+    assert {e["group_id"] for e in consumes} == {f"billing-{mock_topic}"}
     assert all(e["member_id"] for e in consumes)
     assert all(e["latency_us"] is not None and e["latency_us"] >= 0 for e in consumes)
     commit_events = [e for e in events if e["kind"] == "commit"]

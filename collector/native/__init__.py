@@ -1,0 +1,344 @@
+"""Record send, ack, error and consume events inside librdkafka, and drain them to Arrow in bulk.
+
+A small C plugin (kt_interceptor.c) is loaded by librdkafka through the client
+config ``plugin.library.paths``. Its interceptors append one fixed-size record
+per event to a bounded buffer of the client instance named by ``keytrace.src``;
+no Python code runs per message. ``drain(src)`` swaps that buffer out; C lays
+the records out as Arrow buffers (without the GIL) and pyarrow wraps them,
+without copying, as one ``collector.schema.EVENTS`` record batch.
+
+    conf = native.configure({"bootstrap.servers": ...}, src)
+    producer = confluent_kafka.Producer(conf)
+    ...
+    batch = native.drain(src, first_seq=1, client_id="app")
+
+Linux only; the plugin is compiled with the system C compiler on first use
+(see ``collector/native/build.py``). ``available()`` says whether it can be used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from collector import schema
+from collector.native import build
+
+_ABI = 1
+_MIN_LIBRDKAFKA = 0x02000000
+SOURCE_PROPERTY = "keytrace.src"
+MAX_RECORDS_PROPERTY = "keytrace.max.records"
+MAX_KEY_BYTES_PROPERTY = "keytrace.max.key.bytes"
+
+# Order of kt_bind's function table.
+_API = (
+    "rd_kafka_conf_interceptor_add_on_conf_set",
+    "rd_kafka_conf_interceptor_add_on_conf_dup",
+    "rd_kafka_conf_interceptor_add_on_conf_destroy",
+    "rd_kafka_conf_interceptor_add_on_new",
+    "rd_kafka_interceptor_add_on_send",
+    "rd_kafka_interceptor_add_on_acknowledgement",
+    "rd_kafka_interceptor_add_on_consume",
+    "rd_kafka_topic_name",
+    "rd_kafka_message_latency",
+    "rd_kafka_message_timestamp",
+    "rd_kafka_err2name",
+    "rd_kafka_err2str",
+)
+# The EVENTS columns kt_drain_columns builds, in its order; the others are filled here.
+_NATIVE_COLUMNS = (
+    "seq",
+    "ts",
+    "kind",
+    "topic",
+    "partition",
+    "offset",
+    "key",
+    "value_size",
+    "attempt",
+    "latency_us",
+    "msg_ts_ms",
+    "error_code",
+    "error_name",
+    "error_retriable",
+    "error_message",
+)
+_NCOLS = len(_NATIVE_COLUMNS)
+
+
+class NativeUnavailable(RuntimeError):
+    """The native plugin cannot be used here; the message says why."""
+
+
+class _Span(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Columns(ctypes.Structure):
+    _fields_ = [
+        ("block", ctypes.c_void_p),
+        ("block_len", ctypes.c_uint64),
+        ("n", ctypes.c_uint64),
+        ("recorded", ctypes.c_uint64),
+        ("dropped", ctypes.c_uint64),
+        ("live", ctypes.c_int64),
+        ("null_count", ctypes.c_int64 * _NCOLS),
+        ("buf", (_Span * 3) * _NCOLS),
+    ]
+
+
+@dataclass(frozen=True)
+class Status:
+    """Counters of one client instance, totals since it was created."""
+
+    recorded: int
+    dropped: int
+    buffered: int
+    live_clients: int
+
+
+@dataclass
+class _Plugin:
+    lib: ctypes.CDLL
+    path: str
+    librdkafka: str
+
+
+def _loaded_librdkafka() -> str:
+    """The librdkafka file confluent-kafka itself loaded, read from this process's memory map."""
+    import confluent_kafka.cimpl  # noqa: F401  (maps the bundled librdkafka into the process)
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError as exc:
+        raise NativeUnavailable(f"cannot read /proc/self/maps: {exc}") from exc
+    found = sorted(
+        {
+            line.split(None, 5)[5]
+            for line in maps.splitlines()
+            if "/librdkafka" in line and len(line.split(None, 5)) == 6
+        }
+    )
+    if len(found) > 1:
+        bundled = [p for p in found if "confluent_kafka" in p]
+        found = bundled if len(bundled) == 1 else found
+    if len(found) != 1:
+        raise NativeUnavailable(f"expected one librdkafka in this process, found {found or 'none'}")
+    return found[0]
+
+
+def _plugin_file() -> Path:
+    explicit = os.environ.get("KEYTRACE_NATIVE_PLUGIN")
+    if explicit:
+        return Path(explicit)
+    # A wheel or `setup.py build_ext` may ship the plugin prebuilt next to this file.
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        prebuilt = here / f"_kt_interceptor{suffix}"
+        if prebuilt.is_file():
+            return prebuilt
+    try:
+        return build.build()
+    except build.BuildError as first:
+        fallback = Path(os.environ.get("TMPDIR", "/tmp")) / f"keytrace-native-{os.getuid()}"
+        if fallback == build.cache_dir():
+            raise
+        try:
+            return build.build(fallback)
+        except build.BuildError:
+            raise first from None
+
+
+_load_lock = threading.Lock()
+_loaded: _Plugin | NativeUnavailable | None = None
+
+
+def _plugin() -> _Plugin:
+    """The bound plugin; the first call builds and loads it, and a failure is remembered (raised again)."""
+    global _loaded
+    if _loaded is None:
+        with _load_lock:
+            if _loaded is None:
+                try:
+                    _loaded = _load()
+                except NativeUnavailable as exc:
+                    _loaded = exc
+    if isinstance(_loaded, NativeUnavailable):
+        raise NativeUnavailable(str(_loaded))
+    return _loaded
+
+
+def _load() -> _Plugin:
+    if os.environ.get("KEYTRACE_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+        raise NativeUnavailable("disabled by KEYTRACE_NATIVE")
+    rdk_path = _loaded_librdkafka()
+    # Same file as confluent-kafka's: the dynamic loader hands back that very instance.
+    rdk = ctypes.CDLL(rdk_path)
+    rdk.rd_kafka_version.restype = ctypes.c_int
+    version = rdk.rd_kafka_version()
+    if version < _MIN_LIBRDKAFKA:
+        raise NativeUnavailable(f"librdkafka 0x{version:08x} is older than 2.0")
+    try:
+        path = _plugin_file()
+    except build.BuildError as exc:
+        raise NativeUnavailable(str(exc)) from exc
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise NativeUnavailable(f"cannot load {path}: {exc}") from exc
+    lib.kt_abi.restype = ctypes.c_int
+    if lib.kt_abi() != _ABI:
+        raise NativeUnavailable(f"{path} does not match this keytrace version")
+    lib.kt_bind.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+    lib.kt_drain_columns.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(_Columns)]
+    lib.kt_status.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Columns)]
+    lib.kt_forget.argtypes = [ctypes.c_uint64]
+    lib.kt_free.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+    lib.kt_free.restype = None
+    table = (ctypes.c_void_p * len(_API))(*(ctypes.cast(getattr(rdk, name), ctypes.c_void_p).value for name in _API))
+    if lib.kt_bind(table, len(_API)) != 0:
+        raise NativeUnavailable("kt_bind rejected the librdkafka function table")
+    return _Plugin(lib, str(path), rdk_path)
+
+
+def available() -> bool:
+    """Whether the native plugin can be used in this process (see ``unavailable_reason``)."""
+    return unavailable_reason() is None
+
+
+def unavailable_reason() -> str | None:
+    try:
+        _plugin()
+    except NativeUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def plugin_path() -> str:
+    """Path of the plugin shared object; raises NativeUnavailable."""
+    return _plugin().path
+
+
+def configure(
+    conf: dict[str, Any], src: int, *, max_records: int | None = None, max_key_bytes: int | None = None
+) -> dict[str, Any]:
+    """A copy of a client config that loads the plugin and records into the buffer of ``src``.
+
+    ``max_records`` (default 1,048,576) and ``max_key_bytes`` (default 32 MiB) bound each of the
+    instance's two buffers; events beyond them between two drains are dropped and counted.
+    """
+    if not 0 <= src < 2**64:
+        raise ValueError("src must be an unsigned 64-bit integer")
+    path = plugin_path()
+    existing = conf.get("plugin.library.paths")
+    # librdkafka must load the plugin before it sees keytrace.* properties, so it goes first.
+    out: dict[str, Any] = {"plugin.library.paths": f"{existing};{path}" if existing else path}
+    out.update((k, v) for k, v in conf.items() if k != "plugin.library.paths")
+    out[SOURCE_PROPERTY] = str(src)
+    if max_records is not None:
+        out[MAX_RECORDS_PROPERTY] = str(int(max_records))
+    if max_key_bytes is not None:
+        out[MAX_KEY_BYTES_PROPERTY] = str(int(max_key_bytes))
+    return out
+
+
+# Serialises drain, status and forget: a drained buffer is reused by the next drain of its src.
+_lock = threading.Lock()
+
+
+def status(src: int) -> Status | None:
+    """Counters of ``src``, or None if no client with that id exists (or it was forgotten)."""
+    out = _Columns()
+    with _lock:
+        if _plugin().lib.kt_status(src, ctypes.byref(out)) != 0:
+            return None
+    return Status(out.recorded, out.dropped, out.n, out.live)
+
+
+def forget(src: int) -> None:
+    """Release the buffers of ``src`` once its clients are destroyed; drain it first."""
+    with _lock:
+        _plugin().lib.kt_forget(src)
+
+
+class _Block:
+    """Owner of one kt_drain_columns allocation; Arrow buffers keep it alive, the last one frees it."""
+
+    __slots__ = ("address", "size", "free")
+
+    def __init__(self, address: int, size: int, free: Any) -> None:
+        self.address, self.size, self.free = address, size, free
+
+    def __del__(self) -> None:
+        self.free(self.address, self.size)
+
+
+def drain(
+    src: int,
+    *,
+    first_seq: int = 1,
+    client_id: str | None = None,
+    group_id: str | None = None,
+    member_id: str | None = None,
+) -> pa.RecordBatch | None:
+    """Everything recorded for ``src`` since the last drain, as one EVENTS batch (None if nothing).
+
+    Rows get ``seq`` values ``first_seq, first_seq + 1, ...``; the caller advances its own
+    counter by ``num_rows``. ``client_id``, ``group_id`` and ``member_id`` fill every row.
+    The conversion runs in C without the GIL; the batch's buffers are its own (no copy).
+    """
+    lib = _plugin().lib
+    out = _Columns()
+    with _lock:
+        rc = lib.kt_drain_columns(src, first_seq, ctypes.byref(out))
+    if rc != 0 or out.n == 0:
+        return None
+    n = out.n
+    block = pa.foreign_buffer(out.block, out.block_len, base=_Block(out.block, out.block_len, lib.kt_free))
+    columns: dict[str, pa.Array] = {}
+    for c, name in enumerate(_NATIVE_COLUMNS):
+        typ = schema.EVENTS.field(name).type
+        spans = out.buf[c]
+        nulls = out.null_count[c]
+        validity = block.slice(spans[0].off, spans[0].len) if nulls else None
+        buffers = [validity, block.slice(spans[1].off, spans[1].len)]
+        if pa.types.is_string(typ) or pa.types.is_binary(typ):
+            buffers.append(block.slice(spans[2].off, spans[2].len))
+        columns[name] = pa.Array.from_buffers(typ, n, buffers, null_count=nulls)
+    columns["src"] = pa.Array.from_buffers(pa.uint64(), n, [None, pa.py_buffer(src.to_bytes(8, "little") * n)])
+    columns["client_id"] = _constant(client_id, n)
+    columns["group_id"] = _constant(group_id, n)
+    columns["member_id"] = _constant(member_id, n)
+    return pa.RecordBatch.from_arrays(
+        [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in schema.EVENTS], schema=schema.EVENTS
+    )
+
+
+def _constant(value: str | None, n: int) -> pa.Array:
+    # Built from buffers: pa.scalar() would import pandas on first use, holding the GIL for a while.
+    if value is None:
+        return pa.nulls(n, pa.string())
+    data = value.encode()
+    offsets = np.arange(0, (n + 1) * len(data), len(data), dtype=np.int32) if data else np.zeros(n + 1, np.int32)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data * n)])
+
+
+__all__ = [
+    "NativeUnavailable",
+    "Status",
+    "available",
+    "configure",
+    "drain",
+    "forget",
+    "plugin_path",
+    "status",
+    "unavailable_reason",
+]

@@ -1,0 +1,766 @@
+/*
+ * keytrace's librdkafka interceptor plugin.
+ *
+ * Loaded by librdkafka through `plugin.library.paths`. Every produced,
+ * acknowledged, failed and consumed message is appended as one fixed-size
+ * record (plus its key in a byte arena) to a bounded per-client buffer.
+ * kt_drain_columns swaps that buffer out and lays the records out as Arrow
+ * column buffers, which Python wraps without copying (__init__.py here).
+ *
+ * The plugin has no link-time dependency on librdkafka: confluent-kafka loads
+ * its bundled copy with RTLD_LOCAL, so its symbols are not visible here. Python
+ * hands over the addresses of the few functions used (kt_bind) before any
+ * client is created. The types below mirror rdkafka.h (stable public ABI).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define KT_ABI 1
+#define KT_EXPORT __attribute__((visibility("default")))
+
+typedef struct rd_kafka_s rd_kafka_t;
+typedef struct rd_kafka_conf_s rd_kafka_conf_t;
+typedef struct rd_kafka_topic_s rd_kafka_topic_t;
+typedef struct rd_kafka_topic_partition_list_s rd_kafka_topic_partition_list_t;
+typedef int rd_kafka_resp_err_t;
+typedef int rd_kafka_conf_res_t;
+#define RD_KAFKA_CONF_UNKNOWN (-2)
+#define RD_KAFKA_CONF_INVALID (-1)
+#define RD_KAFKA_CONF_OK 0
+#define RD_KAFKA_RESP_ERR__FAIL (-196)
+
+typedef struct rd_kafka_message_s {
+    rd_kafka_resp_err_t err;
+    rd_kafka_topic_t *rkt;
+    int32_t partition;
+    void *payload;
+    size_t len;
+    void *key;
+    size_t key_len;
+    int64_t offset;
+    void *_private;
+} rd_kafka_message_t;
+
+typedef rd_kafka_conf_res_t(on_conf_set_t)(rd_kafka_conf_t *, const char *, const char *, char *, size_t, void *);
+typedef rd_kafka_resp_err_t(on_conf_dup_t)(rd_kafka_conf_t *, const rd_kafka_conf_t *, size_t, const char **, void *);
+typedef rd_kafka_resp_err_t(on_conf_destroy_t)(void *);
+typedef rd_kafka_resp_err_t(on_new_t)(rd_kafka_t *, const rd_kafka_conf_t *, void *, char *, size_t);
+typedef rd_kafka_resp_err_t(on_message_t)(rd_kafka_t *, rd_kafka_message_t *, void *);
+
+/* Filled by kt_bind, in this order. */
+static struct {
+    rd_kafka_resp_err_t (*conf_add_on_conf_set)(rd_kafka_conf_t *, const char *, on_conf_set_t *, void *);
+    rd_kafka_resp_err_t (*conf_add_on_conf_dup)(rd_kafka_conf_t *, const char *, on_conf_dup_t *, void *);
+    rd_kafka_resp_err_t (*conf_add_on_conf_destroy)(rd_kafka_conf_t *, const char *, on_conf_destroy_t *, void *);
+    rd_kafka_resp_err_t (*conf_add_on_new)(rd_kafka_conf_t *, const char *, on_new_t *, void *);
+    rd_kafka_resp_err_t (*add_on_send)(rd_kafka_t *, const char *, on_message_t *, void *);
+    rd_kafka_resp_err_t (*add_on_acknowledgement)(rd_kafka_t *, const char *, on_message_t *, void *);
+    rd_kafka_resp_err_t (*add_on_consume)(rd_kafka_t *, const char *, on_message_t *, void *);
+    const char *(*topic_name)(const rd_kafka_topic_t *);
+    int64_t (*message_latency)(const rd_kafka_message_t *);
+    int64_t (*message_timestamp)(const rd_kafka_message_t *, int *);
+    const char *(*err2name)(rd_kafka_resp_err_t);
+    const char *(*err2str)(rd_kafka_resp_err_t);
+} api;
+static int api_bound;
+
+enum { KT_SEND = 0, KT_ACK = 1, KT_ERROR = 2, KT_CONSUME = 3 };
+
+#define KT_MAX_KEY 65536
+#define KT_MAX_TOPICS 4096
+#define KT_NAME "keytrace"
+
+/* One event. Mirrored by a numpy dtype in Python (checked with kt_record_size). */
+typedef struct {
+    int64_t ts_us;
+    int64_t offset;
+    int64_t latency_us;
+    int64_t msg_ts_ms;
+    uint32_t key_off;
+    int32_t key_len; /* -1: null key */
+    int32_t partition;
+    int32_t err;
+    int32_t value_len; /* -1: null value */
+    int16_t topic;     /* -1: unknown (too many topics) */
+    uint8_t kind;
+    uint8_t pad;
+} kt_rec;
+
+typedef struct {
+    kt_rec *recs;
+    char *arena;
+    uint32_t n;
+    uint32_t arena_len;
+    uint32_t touched_recs; /* prefix already written once, so its pages are resident */
+    uint32_t touched_arena;
+} kt_buf;
+
+typedef struct kt_inst {
+    struct kt_inst *next;
+    uint64_t src;
+    pthread_mutex_t mu;
+    kt_buf bufs[2];
+    int active;
+    uint32_t max_records;
+    uint32_t max_arena;
+    uint64_t recorded;
+    uint64_t dropped;
+    int live;      /* client handles still using this instance */
+    int forgotten; /* Python is done with it: free when live drops to 0 */
+    /* Topic names, append-only: a drain reads the first ntopics without the lock. */
+    char *topics[KT_MAX_TOPICS];
+    volatile int ntopics;
+    const rd_kafka_topic_t *last_rkt;
+    int last_topic;
+} kt_inst;
+
+typedef struct {
+    uint64_t src;
+    int has_src;
+    uint32_t max_records;
+    uint32_t max_arena;
+    kt_inst *inst;
+} kt_conf;
+
+static pthread_mutex_t registry_mu = PTHREAD_MUTEX_INITIALIZER;
+static kt_inst *registry;
+
+#define KT_DEFAULT_RECORDS (1u << 20)
+#define KT_DEFAULT_ARENA (32u << 20)
+
+static int64_t now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Called with in->mu held. */
+static int topic_index(kt_inst *in, const rd_kafka_topic_t *rkt) {
+    const char *name = rkt ? api.topic_name(rkt) : NULL;
+    int i, n = in->ntopics;
+    if (!name)
+        return -1;
+    /* A freed topic handle's address can be reused for another topic, so the cache checks the name too. */
+    if (rkt == in->last_rkt && !strcmp(in->topics[in->last_topic], name))
+        return in->last_topic;
+    for (i = 0; i < n; i++)
+        if (!strcmp(in->topics[i], name))
+            break;
+    if (i == n) {
+        if (n >= KT_MAX_TOPICS || !(in->topics[n] = strdup(name)))
+            return -1;
+        __atomic_store_n(&in->ntopics, n + 1, __ATOMIC_RELEASE);
+    }
+    in->last_rkt = rkt;
+    in->last_topic = i;
+    return i;
+}
+
+static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
+    int64_t ts = now_us();
+    int64_t latency = -1, msg_ts = -1;
+    int32_t key_len = m->key ? (int32_t)(m->key_len > KT_MAX_KEY ? KT_MAX_KEY : m->key_len) : -1;
+    int tstype = 0;
+    kt_buf *b;
+    kt_rec *r;
+
+    if (kind == KT_ACK || kind == KT_ERROR)
+        latency = api.message_latency(m);
+    msg_ts = api.message_timestamp(m, &tstype);
+
+    pthread_mutex_lock(&in->mu);
+    b = &in->bufs[in->active];
+    if (b->n >= in->max_records || (key_len > 0 && (uint64_t)b->arena_len + (uint32_t)key_len > in->max_arena)) {
+        in->dropped++;
+        pthread_mutex_unlock(&in->mu);
+        return;
+    }
+    r = &b->recs[b->n++];
+    r->ts_us = ts;
+    r->offset = m->offset;
+    r->latency_us = latency;
+    r->msg_ts_ms = msg_ts;
+    r->key_off = b->arena_len;
+    r->key_len = key_len;
+    r->partition = m->partition;
+    r->err = m->err;
+    r->value_len = m->payload ? (int32_t)(m->len > INT32_MAX ? INT32_MAX : m->len) : -1;
+    r->topic = (int16_t)topic_index(in, m->rkt);
+    r->kind = (uint8_t)kind;
+    r->pad = 0;
+    if (key_len > 0) {
+        memcpy(b->arena + b->arena_len, m->key, (size_t)key_len);
+        b->arena_len += (uint32_t)key_len;
+    }
+    in->recorded++;
+    pthread_mutex_unlock(&in->mu);
+}
+
+static rd_kafka_resp_err_t on_send(rd_kafka_t *rk, rd_kafka_message_t *m, void *opaque) {
+    (void)rk;
+    record((kt_inst *)opaque, KT_SEND, m);
+    return 0;
+}
+
+static rd_kafka_resp_err_t on_acknowledgement(rd_kafka_t *rk, rd_kafka_message_t *m, void *opaque) {
+    (void)rk;
+    record((kt_inst *)opaque, m->err ? KT_ERROR : KT_ACK, m);
+    return 0;
+}
+
+static rd_kafka_resp_err_t on_consume(rd_kafka_t *rk, rd_kafka_message_t *m, void *opaque) {
+    (void)rk;
+    /* Errors passed as messages (partition EOF and the like) are not consumptions. */
+    if (!m->err)
+        record((kt_inst *)opaque, KT_CONSUME, m);
+    return 0;
+}
+
+/*
+ * Writing a fresh page costs a page fault (microseconds in a VM). Pages are
+ * touched ahead of need, outside the hot path, by whoever owns the buffer:
+ * its creator, or the drain after the buffer has been emptied.
+ */
+#define KT_PREFAULT_RECORDS 16384u
+#define KT_PREFAULT_ARENA (256u << 10)
+
+static void prefault(kt_buf *b, uint64_t recs, uint64_t arena, const kt_inst *in) {
+    if (recs > in->max_records)
+        recs = in->max_records;
+    if (arena > in->max_arena)
+        arena = in->max_arena;
+    if (recs > b->touched_recs) {
+        memset(b->recs + b->touched_recs, 0, (recs - b->touched_recs) * sizeof(kt_rec));
+        b->touched_recs = (uint32_t)recs;
+    }
+    if (arena > b->touched_arena) {
+        memset(b->arena + b->touched_arena, 0, arena - b->touched_arena);
+        b->touched_arena = (uint32_t)arena;
+    }
+}
+
+static void inst_free(kt_inst *in) {
+    int i;
+    for (i = 0; i < 2; i++) {
+        free(in->bufs[i].recs);
+        free(in->bufs[i].arena);
+    }
+    for (i = 0; i < in->ntopics; i++)
+        free(in->topics[i]);
+    pthread_mutex_destroy(&in->mu);
+    free(in);
+}
+
+/* Called with registry_mu held. */
+static kt_inst *inst_find(uint64_t src) {
+    kt_inst *in;
+    for (in = registry; in; in = in->next)
+        if (in->src == src)
+            return in;
+    return NULL;
+}
+
+static void inst_unlink(kt_inst *in) {
+    kt_inst **pp;
+    for (pp = &registry; *pp; pp = &(*pp)->next)
+        if (*pp == in) {
+            *pp = in->next;
+            return;
+        }
+}
+
+static kt_inst *inst_acquire(const kt_conf *kc) {
+    kt_inst *in;
+    int i;
+    pthread_mutex_lock(&registry_mu);
+    in = inst_find(kc->src);
+    if (in) {
+        in->live++;
+        in->forgotten = 0;
+        pthread_mutex_unlock(&registry_mu);
+        return in;
+    }
+    in = calloc(1, sizeof(*in));
+    if (!in)
+        goto fail;
+    in->src = kc->src;
+    in->max_records = kc->max_records;
+    in->max_arena = kc->max_arena;
+    pthread_mutex_init(&in->mu, NULL);
+    in->last_topic = -1;
+    /* Untouched pages of these allocations are never made resident. */
+    for (i = 0; i < 2; i++) {
+        in->bufs[i].recs = malloc((size_t)in->max_records * sizeof(kt_rec));
+        in->bufs[i].arena = malloc(in->max_arena ? in->max_arena : 1);
+        if (!in->bufs[i].recs || !in->bufs[i].arena) {
+            inst_free(in);
+            goto fail;
+        }
+        prefault(&in->bufs[i], KT_PREFAULT_RECORDS, KT_PREFAULT_ARENA, in);
+    }
+    in->live = 1;
+    in->next = registry;
+    registry = in;
+    pthread_mutex_unlock(&registry_mu);
+    return in;
+fail:
+    pthread_mutex_unlock(&registry_mu);
+    return NULL;
+}
+
+static void inst_release(kt_inst *in) {
+    pthread_mutex_lock(&registry_mu);
+    if (--in->live <= 0 && in->forgotten) {
+        inst_unlink(in);
+        inst_free(in);
+    }
+    pthread_mutex_unlock(&registry_mu);
+}
+
+static rd_kafka_resp_err_t on_new(rd_kafka_t *rk, const rd_kafka_conf_t *conf, void *opaque, char *errstr,
+                                  size_t errstr_size) {
+    kt_conf *kc = opaque;
+    kt_inst *in;
+    (void)conf;
+    if (!kc->has_src || kc->inst)
+        return 0;
+    in = inst_acquire(kc);
+    if (!in) {
+        snprintf(errstr, errstr_size, "keytrace: out of memory for the trace buffer");
+        return RD_KAFKA_RESP_ERR__FAIL;
+    }
+    kc->inst = in;
+    api.add_on_send(rk, KT_NAME, on_send, in);
+    api.add_on_acknowledgement(rk, KT_NAME, on_acknowledgement, in);
+    api.add_on_consume(rk, KT_NAME, on_consume, in);
+    return 0;
+}
+
+static int parse_u64(const char *val, uint64_t *out) {
+    char *end;
+    unsigned long long v;
+    if (!val || !*val || *val == '-')
+        return -1;
+    errno = 0;
+    v = strtoull(val, &end, 10);
+    if (errno || *end)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static rd_kafka_conf_res_t on_conf_set(rd_kafka_conf_t *conf, const char *name, const char *val, char *errstr,
+                                       size_t errstr_size, void *opaque) {
+    kt_conf *kc = opaque;
+    uint64_t v;
+    (void)conf;
+    if (strncmp(name, "keytrace.", 9))
+        return RD_KAFKA_CONF_UNKNOWN;
+    if (parse_u64(val, &v)) {
+        snprintf(errstr, errstr_size, "%s: expected a non-negative integer, got \"%s\"", name, val ? val : "");
+        return RD_KAFKA_CONF_INVALID;
+    }
+    if (!strcmp(name, "keytrace.src")) {
+        kc->src = v;
+        kc->has_src = 1;
+    } else if (!strcmp(name, "keytrace.max.records") && v >= 1 && v <= (1u << 28)) {
+        kc->max_records = (uint32_t)v;
+    } else if (!strcmp(name, "keytrace.max.key.bytes") && v <= (1u << 30)) {
+        kc->max_arena = (uint32_t)v;
+    } else {
+        snprintf(errstr, errstr_size, "unknown or out-of-range keytrace property %s=%s", name, val);
+        return RD_KAFKA_CONF_INVALID;
+    }
+    return RD_KAFKA_CONF_OK;
+}
+
+static rd_kafka_resp_err_t conf_init0(rd_kafka_conf_t *conf);
+
+static rd_kafka_resp_err_t on_conf_dup(rd_kafka_conf_t *new_conf, const rd_kafka_conf_t *old_conf, size_t filter_cnt,
+                                       const char **filter, void *opaque) {
+    (void)old_conf, (void)filter_cnt, (void)filter, (void)opaque;
+    /* The copy gets its own state; librdkafka then replays keytrace.* settings into it. */
+    return conf_init0(new_conf);
+}
+
+static rd_kafka_resp_err_t on_conf_destroy(void *opaque) {
+    kt_conf *kc = opaque;
+    /* For a client's own config this runs after its threads are joined: no callback can follow. */
+    if (kc->inst)
+        inst_release(kc->inst);
+    free(kc);
+    return 0;
+}
+
+static rd_kafka_resp_err_t conf_init0(rd_kafka_conf_t *conf) {
+    kt_conf *kc = calloc(1, sizeof(*kc));
+    if (!kc)
+        return RD_KAFKA_RESP_ERR__FAIL;
+    kc->max_records = KT_DEFAULT_RECORDS;
+    kc->max_arena = KT_DEFAULT_ARENA;
+    /* A config that already carries these interceptors (plugin loaded twice) rejects duplicates. */
+    if (api.conf_add_on_conf_set(conf, KT_NAME, on_conf_set, kc)) {
+        free(kc);
+        return 0;
+    }
+    api.conf_add_on_conf_dup(conf, KT_NAME, on_conf_dup, kc);
+    api.conf_add_on_conf_destroy(conf, KT_NAME, on_conf_destroy, kc);
+    api.conf_add_on_new(conf, KT_NAME, on_new, kc);
+    return 0;
+}
+
+KT_EXPORT rd_kafka_resp_err_t conf_init(rd_kafka_conf_t *conf, void **plug_opaquep, char *errstr,
+                                        size_t errstr_size) {
+    *plug_opaquep = NULL;
+    if (!api_bound) {
+        snprintf(errstr, errstr_size, "keytrace plugin: load it through collector.native (kt_bind was not called)");
+        return RD_KAFKA_RESP_ERR__FAIL;
+    }
+    return conf_init0(conf);
+}
+
+/* ---- API for Python (ctypes) ---- */
+
+KT_EXPORT int kt_abi(void) { return KT_ABI; }
+
+KT_EXPORT int kt_bind(void *const *fns, int n) {
+    if (n != (int)(sizeof(api) / sizeof(void *)))
+        return -1;
+    for (int i = 0; i < n; i++)
+        if (!fns[i])
+            return -1;
+    memcpy(&api, fns, sizeof(api));
+    api_bound = 1;
+    return 0;
+}
+
+/* Columns built by kt_drain_columns, in Arrow's memory layout. */
+enum {
+    C_SEQ,
+    C_TS,
+    C_KIND,
+    C_TOPIC,
+    C_PARTITION,
+    C_OFFSET,
+    C_KEY,
+    C_VALUE_SIZE,
+    C_ATTEMPT,
+    C_LATENCY,
+    C_MSG_TS,
+    C_ERR_CODE,
+    C_ERR_NAME,
+    C_ERR_RETRIABLE,
+    C_ERR_MESSAGE,
+    KT_NCOLS
+};
+
+typedef struct {
+    uint64_t off, len;
+} kt_span;
+
+typedef struct {
+    void *block; /* one allocation holding every buffer; release with kt_free */
+    uint64_t block_len;
+    uint64_t n;
+    uint64_t recorded;
+    uint64_t dropped;
+    int64_t live;
+    int64_t null_count[KT_NCOLS];
+    kt_span buf[KT_NCOLS][3]; /* validity bitmap, values (or int32 offsets), string data */
+} kt_columns;
+
+static const char *const kind_names[] = {"send", "ack", "error", "consume"};
+static const uint32_t kind_lens[] = {4, 3, 5, 7};
+
+#define MSG_TS_PLAUSIBLE(ms) ((ms) > 100000000000LL) /* 0, -1 or a fixed mock time are not wall-clock times */
+
+/*
+ * Drained blocks come back through kt_free once Python is done with a batch.
+ * Keeping a couple for the next drains spares the page faults of fresh memory,
+ * which cost more than filling the block.
+ */
+#define KT_POOL 2
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    void *p;
+    uint64_t size;
+} pool[KT_POOL];
+
+static void *block_alloc(uint64_t size, uint64_t *got) {
+    void *p = NULL;
+    int i;
+    pthread_mutex_lock(&pool_mu);
+    for (i = 0; i < KT_POOL; i++)
+        if (pool[i].p && pool[i].size >= size && pool[i].size <= 4 * size + (1u << 20)) {
+            p = pool[i].p, *got = pool[i].size;
+            pool[i].p = NULL;
+            break;
+        }
+    pthread_mutex_unlock(&pool_mu);
+    size = (size + 63) & ~(uint64_t)63;
+    if (!p && (p = aligned_alloc(64, size ? size : 64)))
+        *got = size;
+    return p;
+}
+
+static uint64_t popcount(const uint8_t *bits, uint64_t n) {
+    uint64_t i, cnt = 0, word;
+    for (i = 0; i + 8 <= (n + 7) / 8; i += 8) {
+        memcpy(&word, bits + i, 8);
+        cnt += (uint64_t)__builtin_popcountll(word);
+    }
+    for (; i < (n + 7) / 8; i++)
+        cnt += (uint64_t)__builtin_popcount(bits[i]);
+    return cnt;
+}
+
+static void set_bit(uint8_t *bits, uint64_t i) { bits[i >> 3] |= (uint8_t)(1u << (i & 7)); }
+
+/* Swap out src's buffer under its lock; the drained records stay ours until the next drain. */
+static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *ntopics) {
+    kt_inst *in;
+    pthread_mutex_lock(&registry_mu);
+    in = inst_find(src);
+    /* A forgotten instance may be freed by its client's destruction at any time. */
+    if (in && in->forgotten)
+        in = NULL;
+    if (in) {
+        pthread_mutex_lock(&in->mu);
+        *drained = &in->bufs[in->active];
+        in->active ^= 1;
+        in->bufs[in->active].n = 0;
+        in->bufs[in->active].arena_len = 0;
+        out->recorded = in->recorded;
+        out->dropped = in->dropped;
+        out->live = in->live;
+        *ntopics = in->ntopics;
+        pthread_mutex_unlock(&in->mu);
+    }
+    pthread_mutex_unlock(&registry_mu);
+    return in;
+}
+
+/*
+ * Swap src's buffer and convert what it held into Arrow column buffers in one
+ * new allocation (out->block). Calls for the same src, and kt_forget, must not
+ * overlap. Returns -1 for an unknown src, -2 when out of memory (the events are
+ * then counted as dropped), 0 otherwise (out->n may be 0).
+ */
+KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out) {
+    static const int widths[KT_NCOLS] = {8, 8, 4, 4, 4, 8, 4, 4, 2, 8, 8, 4, 4, 0, 4};
+    static const int has_data[KT_NCOLS] = {[C_KIND] = 1, [C_TOPIC] = 1, [C_KEY] = 1, [C_ERR_NAME] = 1, [C_ERR_MESSAGE] = 1};
+    kt_inst *in;
+    kt_buf *b = NULL;
+    int ntopics = 0, c;
+    uint64_t n, i, pos = 0, data_len[KT_NCOLS] = {0};
+    uint32_t tlen[KT_MAX_TOPICS];
+    uint8_t *blk;
+
+    memset(out, 0, sizeof(*out));
+    in = swap_out(src, &b, out, &ntopics);
+    if (!in)
+        return -1;
+    n = b->n;
+    out->n = n;
+    if (!n)
+        return 0;
+
+    for (c = 0; c < ntopics; c++)
+        tlen[c] = (uint32_t)strlen(in->topics[c]);
+    for (i = 0; i < n; i++) {
+        const kt_rec *r = &b->recs[i];
+        data_len[C_KIND] += kind_lens[r->kind];
+        if (r->topic >= 0)
+            data_len[C_TOPIC] += tlen[r->topic];
+        if (r->kind == KT_ERROR) {
+            data_len[C_ERR_NAME] += strlen(api.err2name(r->err));
+            data_len[C_ERR_MESSAGE] += strlen(api.err2str(r->err));
+        }
+    }
+    data_len[C_KEY] = b->arena_len;
+
+    /* Layout: every buffer 64-byte aligned, as Arrow recommends. */
+#define PLACE(col, j, size)                           \
+    do {                                              \
+        out->buf[col][j].off = pos;                   \
+        out->buf[col][j].len = (size);                \
+        pos += ((uint64_t)(size) + 63) & ~(uint64_t)63; \
+    } while (0)
+    for (c = 0; c < KT_NCOLS; c++) {
+        PLACE(c, 0, (n + 7) / 8);
+        PLACE(c, 1, c == C_ERR_RETRIABLE ? (n + 7) / 8 : (has_data[c] ? n + 1 : n) * (uint64_t)widths[c]);
+        if (has_data[c])
+            PLACE(c, 2, data_len[c]);
+    }
+#undef PLACE
+    blk = block_alloc(pos, &out->block_len);
+    if (!blk) {
+        pthread_mutex_lock(&in->mu);
+        in->dropped += n;
+        out->dropped = in->dropped;
+        pthread_mutex_unlock(&in->mu);
+        out->n = 0;
+        return -2;
+    }
+    out->block = blk;
+    for (c = 0; c < KT_NCOLS; c++) {
+        memset(blk + out->buf[c][0].off, 0, out->buf[c][0].len);
+        if (c == C_ERR_RETRIABLE)
+            memset(blk + out->buf[c][1].off, 0, out->buf[c][1].len);
+    }
+
+    {
+#define COL(c, T) ((T *)(blk + out->buf[c][1].off))
+#define BITS(c) (blk + out->buf[c][0].off)
+#define DATA(c) ((char *)blk + out->buf[c][2].off)
+        uint64_t *seq = COL(C_SEQ, uint64_t);
+        int64_t *ts = COL(C_TS, int64_t), *offset = COL(C_OFFSET, int64_t), *latency = COL(C_LATENCY, int64_t);
+        int64_t *msg_ts = COL(C_MSG_TS, int64_t);
+        int32_t *kind_o = COL(C_KIND, int32_t), *topic_o = COL(C_TOPIC, int32_t), *key_o = COL(C_KEY, int32_t);
+        int32_t *name_o = COL(C_ERR_NAME, int32_t), *msg_o = COL(C_ERR_MESSAGE, int32_t);
+        int32_t *partition = COL(C_PARTITION, int32_t), *value_size = COL(C_VALUE_SIZE, int32_t);
+        int32_t *err_code = COL(C_ERR_CODE, int32_t);
+        int16_t *attempt = COL(C_ATTEMPT, int16_t);
+        int32_t ko = 0, to = 0, no = 0, mo = 0;
+
+        memcpy(DATA(C_KEY), b->arena, b->arena_len);
+        for (i = 0; i < n; i++) {
+            const kt_rec *r = &b->recs[i];
+            const char *s;
+            size_t len;
+            int is_err = r->kind == KT_ERROR;
+
+            seq[i] = first_seq + i;
+            ts[i] = r->ts_us;
+
+            kind_o[i] = ko;
+            memcpy(DATA(C_KIND) + ko, kind_names[r->kind], kind_lens[r->kind]);
+            ko += (int32_t)kind_lens[r->kind];
+
+            topic_o[i] = to;
+            if (r->topic >= 0) {
+                memcpy(DATA(C_TOPIC) + to, in->topics[r->topic], tlen[r->topic]);
+                to += (int32_t)tlen[r->topic];
+                set_bit(BITS(C_TOPIC), i);
+            }
+
+            key_o[i] = (int32_t)r->key_off;
+            if (r->key_len >= 0)
+                set_bit(BITS(C_KEY), i);
+
+            partition[i] = r->partition;
+            if (r->partition >= 0)
+                set_bit(BITS(C_PARTITION), i);
+
+            offset[i] = r->offset;
+            if ((r->kind == KT_ACK || r->kind == KT_CONSUME) && r->offset >= 0)
+                set_bit(BITS(C_OFFSET), i);
+
+            value_size[i] = r->value_len;
+            if (r->value_len >= 0)
+                set_bit(BITS(C_VALUE_SIZE), i);
+
+            attempt[i] = 1;
+            if (r->kind == KT_SEND)
+                set_bit(BITS(C_ATTEMPT), i);
+
+            msg_ts[i] = r->msg_ts_ms;
+            if (MSG_TS_PLAUSIBLE(r->msg_ts_ms))
+                set_bit(BITS(C_MSG_TS), i);
+
+            /* ack/error: librdkafka's produce-to-report latency; consume: now minus the message timestamp. */
+            if (r->kind == KT_CONSUME) {
+                latency[i] = r->ts_us - r->msg_ts_ms * 1000;
+                if (MSG_TS_PLAUSIBLE(r->msg_ts_ms))
+                    set_bit(BITS(C_LATENCY), i);
+            } else {
+                latency[i] = r->latency_us;
+                if (r->kind != KT_SEND && r->latency_us >= 0)
+                    set_bit(BITS(C_LATENCY), i);
+            }
+
+            err_code[i] = r->err;
+            name_o[i] = no;
+            msg_o[i] = mo;
+            if (is_err) {
+                len = strlen(s = api.err2name(r->err));
+                memcpy(DATA(C_ERR_NAME) + no, s, len);
+                no += (int32_t)len;
+                len = strlen(s = api.err2str(r->err));
+                memcpy(DATA(C_ERR_MESSAGE) + mo, s, len);
+                mo += (int32_t)len;
+                set_bit(BITS(C_ERR_CODE), i), set_bit(BITS(C_ERR_NAME), i);
+                set_bit(BITS(C_ERR_RETRIABLE), i), set_bit(BITS(C_ERR_MESSAGE), i);
+            }
+        }
+        kind_o[n] = ko;
+        topic_o[n] = to;
+        key_o[n] = (int32_t)b->arena_len;
+        name_o[n] = no;
+        msg_o[n] = mo;
+        for (c = 0; c < KT_NCOLS; c++)
+            out->null_count[c] = c == C_SEQ || c == C_TS || c == C_KIND ? 0 : (int64_t)(n - popcount(BITS(c), n));
+#undef COL
+#undef BITS
+#undef DATA
+    }
+    /* This buffer is ours until the next swap: make room for twice what it just held. */
+    prefault(b, 2 * n + KT_PREFAULT_RECORDS, 2 * (uint64_t)b->arena_len + KT_PREFAULT_ARENA, in);
+    return 0;
+}
+
+KT_EXPORT void kt_free(void *block, uint64_t size) {
+    int i, victim = 0;
+    pthread_mutex_lock(&pool_mu);
+    for (i = 0; i < KT_POOL; i++)
+        if (!pool[i].p || pool[i].size < pool[victim].size)
+            victim = i;
+    if (!pool[victim].p || pool[victim].size < size) {
+        void *old = pool[victim].p;
+        pool[victim].p = block, pool[victim].size = size;
+        block = old;
+    }
+    pthread_mutex_unlock(&pool_mu);
+    free(block);
+}
+
+/* Counters only; n is what the next drain would return. */
+KT_EXPORT int kt_status(uint64_t src, kt_columns *out) {
+    kt_inst *in;
+    memset(out, 0, sizeof(*out));
+    pthread_mutex_lock(&registry_mu);
+    in = inst_find(src);
+    if (in) {
+        pthread_mutex_lock(&in->mu);
+        out->n = in->bufs[in->active].n;
+        out->recorded = in->recorded;
+        out->dropped = in->dropped;
+        out->live = in->live;
+        pthread_mutex_unlock(&in->mu);
+    }
+    pthread_mutex_unlock(&registry_mu);
+    return in ? 0 : -1;
+}
+
+/* Free the instance once no client uses it any more (at once if none does). */
+KT_EXPORT int kt_forget(uint64_t src) {
+    kt_inst *in;
+    pthread_mutex_lock(&registry_mu);
+    in = inst_find(src);
+    if (in) {
+        in->forgotten = 1;
+        if (in->live <= 0) {
+            inst_unlink(in);
+            inst_free(in);
+        }
+    }
+    pthread_mutex_unlock(&registry_mu);
+    return in ? 0 : -1;
+}

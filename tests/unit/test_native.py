@@ -1,0 +1,349 @@
+"""The native interceptor plugin: what it records inside librdkafka, and that it leaves the client alone."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import confluent_kafka
+import pyarrow as pa
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from collector import native
+from collector.mockcluster import MockCluster
+from collector.schema import EVENTS, from_ipc, table_of, to_ipc
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native plugin: {native.unavailable_reason()}")
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_KEY_BYTES = 64 * 1024
+_srcs = itertools.count(int.from_bytes(os.urandom(4), "big") << 20)
+
+
+@pytest.fixture
+def src() -> Any:
+    """A fresh client id whose buffers are released after the test."""
+    value = next(_srcs)
+    yield value
+    native.forget(value)
+
+
+def rows(batch: pa.RecordBatch | None) -> list[dict[str, Any]]:
+    return [] if batch is None else batch.to_pylist()
+
+
+def test_configure_loads_the_plugin_before_its_properties() -> None:
+    conf = native.configure({"bootstrap.servers": "x:1", "plugin.library.paths": "other"}, 7, max_records=10)
+    assert list(conf)[0] == "plugin.library.paths"
+    assert conf["plugin.library.paths"] == f"other;{native.plugin_path()}"
+    assert conf["keytrace.src"] == "7" and conf["keytrace.max.records"] == "10"
+    assert conf["bootstrap.servers"] == "x:1"
+    with pytest.raises(ValueError):
+        native.configure({}, -1)
+
+
+def test_one_librdkafka_in_the_process() -> None:
+    # ctypes must have reached confluent-kafka's own copy, not loaded a second one.
+    maps = Path("/proc/self/maps").read_text()
+    files = {line.split()[-1] for line in maps.splitlines() if "/librdkafka" in line}
+    assert len(files) == 1
+
+
+def test_every_send_and_ack_with_odd_keys(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
+    huge = bytes(range(256)) * 4096  # 1 MiB
+    keys = [None, b"", b"\xff\xfe\x00binary", b"order-1", huge]
+    reports: list[tuple[Any, bytes | None, int, int, float]] = []
+    conf = {
+        "bootstrap.servers": mock_cluster.bootstrap_servers,
+        # A 1 MiB key needs a larger message.max.bytes than librdkafka's default 1,000,000.
+        "message.max.bytes": 4_000_000,
+        "on_delivery": lambda err, m: reports.append((err, m.key(), m.partition(), m.offset(), m.latency())),
+    }
+    p = confluent_kafka.Producer(native.configure(conf, src))
+    for k in keys:
+        p.produce(mock_topic, b"v" * 7, k)
+    p.produce(mock_topic, None, b"no-value")
+    assert p.flush(10) == 0
+
+    batch = native.drain(src, first_seq=100, client_id="orders-svc")
+    assert batch is not None and table_of(batch) == "events" and batch.schema == EVENTS
+    batch.validate(full=True)
+    events = rows(batch)
+    assert [e["seq"] for e in events] == list(range(100, 100 + len(events)))
+    assert {e["src"] for e in events} == {src} and {e["client_id"] for e in events} == {"orders-svc"}
+    sends = [e for e in events if e["kind"] == "send"]
+    acks = [e for e in events if e["kind"] == "ack"]
+    assert [e["key"] for e in sends] == [
+        None,
+        b"",
+        b"\xff\xfe\x00binary",
+        b"order-1",
+        huge[:MAX_KEY_BYTES],
+        b"no-value",
+    ]
+    assert [e["value_size"] for e in sends] == [7] * 5 + [None]
+    assert all(e["topic"] == mock_topic and e["attempt"] == 1 for e in sends)
+    assert all(e["offset"] is None and e["latency_us"] is None and e["partition"] is None for e in sends)
+    assert all(e["msg_ts_ms"] > 10**12 for e in sends)
+
+    assert len(acks) == len(reports) == 6
+    by_key = {None if r[1] is None else r[1][:MAX_KEY_BYTES]: r for r in reports}
+    for e in acks:
+        err, _, partition, offset, latency = by_key[e["key"]]
+        assert err is None and e["error_code"] is None
+        assert (e["topic"], e["partition"], e["offset"]) == (mock_topic, partition, offset)
+        # Measured when the broker's answer arrives, so never later than the report inside poll().
+        assert 0 < e["latency_us"] <= latency * 1e6 + 1
+    sent_at = {e["key"]: e["ts"] for e in sends}
+    assert all(sent_at[e["key"]] <= e["ts"] for e in acks)
+    assert native.drain(src) is None
+    status = native.status(src)
+    assert status is not None and (status.recorded, status.dropped, status.buffered) == (12, 0, 0)
+
+
+def test_delivery_failures_are_errors(src: int) -> None:
+    with MockCluster(num_brokers=1) as cluster:
+        cluster.create_topic("down", partitions=2)
+        conf = {"bootstrap.servers": cluster.bootstrap_servers, "message.timeout.ms": 500}
+        errors: list[KafkaError] = []
+        p = confluent_kafka.Producer(native.configure(dict(conf, on_delivery=lambda err, m: errors.append(err)), src))
+        p.produce("down", b"ok", b"before")
+        assert p.flush(10) == 0
+        cluster.broker_down(1)
+        for i in range(5):
+            p.produce("down", b"lost", f"k{i}".encode())
+        p.flush(10)
+        assert len(errors) == 6 and sum(e is not None for e in errors) == 5
+        events = rows(native.drain(src))
+        del p
+    failed = [e for e in events if e["kind"] == "error"]
+    assert len(failed) == 5 and sorted(e["key"] for e in failed) == [f"k{i}".encode() for i in range(5)]
+    for e in failed:
+        assert e["error_code"] == KafkaError._MSG_TIMED_OUT and e["error_name"] == "_MSG_TIMED_OUT"
+        assert e["error_message"] and e["offset"] is None and e["latency_us"] >= 400_000
+    assert [e["key"] for e in events if e["kind"] == "ack"] == [b"before"]
+
+
+def test_queue_full_is_not_seen_but_a_bad_partition_is(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
+    # librdkafka refuses a message over the queue limit before any interceptor sees it; the
+    # caller's BufferError is the only trace. A partitioner failure is unrolled through on_acknowledgement.
+    conf = {"bootstrap.servers": "127.0.0.1:1", "queue.buffering.max.messages": 3, "message.timeout.ms": 200}
+    p = confluent_kafka.Producer(native.configure(conf, src))
+    with pytest.raises(BufferError):
+        for i in range(10):
+            p.produce("nowhere", b"v", f"k{i}".encode())
+    p.flush(5)
+    events = rows(native.drain(src))
+    assert [e["kind"] for e in events].count("send") == 3
+    assert [e["kind"] for e in events].count("error") == 3
+
+    other = next(_srcs)
+    try:
+        q = confluent_kafka.Producer(native.configure({"bootstrap.servers": mock_cluster.bootstrap_servers}, other))
+        q.list_topics(mock_topic, timeout=5)
+        with pytest.raises(KafkaException) as excinfo:
+            q.produce(mock_topic, b"v", b"bad", partition=99)
+        assert excinfo.value.args[0].code() == KafkaError._UNKNOWN_PARTITION
+        kinds = [(e["kind"], e["key"], e["partition"], e["error_name"]) for e in rows(native.drain(other))]
+        assert kinds == [("send", b"bad", 99, None), ("error", b"bad", 99, "_UNKNOWN_PARTITION")]
+        del q
+    finally:
+        native.forget(other)
+
+
+def test_two_producers_keep_separate_buffers(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
+    other = next(_srcs)
+    try:
+        a = confluent_kafka.Producer(native.configure({"bootstrap.servers": mock_cluster.bootstrap_servers}, src))
+        b = confluent_kafka.Producer(native.configure({"bootstrap.servers": mock_cluster.bootstrap_servers}, other))
+        for i in range(20):
+            a.produce(mock_topic, b"a", f"a{i}".encode())
+        for i in range(7):
+            b.produce(mock_topic, b"b", f"b{i}".encode())
+        assert a.flush(10) == 0 and b.flush(10) == 0
+        from_a, from_b = rows(native.drain(src)), rows(native.drain(other))
+        assert len(from_a) == 40 and {e["key"][:1] for e in from_a} == {b"a"} and {e["src"] for e in from_a} == {src}
+        assert len(from_b) == 14 and {e["key"][:1] for e in from_b} == {b"b"} and {e["src"] for e in from_b} == {other}
+    finally:
+        native.forget(other)
+
+
+def test_full_buffer_drops_and_counts(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
+    conf = native.configure({"bootstrap.servers": mock_cluster.bootstrap_servers}, src, max_records=30)
+    p = confluent_kafka.Producer(conf)
+    for i in range(25):
+        p.produce(mock_topic, b"v", f"k{i}".encode())
+    assert p.flush(10) == 0
+    status = native.status(src)
+    assert status is not None and (status.recorded, status.dropped, status.buffered) == (30, 20, 30)
+    assert len(rows(native.drain(src))) == 30
+    # The drained buffer is empty again, and so is the key arena limit's count.
+    small = next(_srcs)
+    try:
+        q = confluent_kafka.Producer(
+            native.configure({"bootstrap.servers": mock_cluster.bootstrap_servers}, small, max_key_bytes=100)
+        )
+        q.produce(mock_topic, b"v", b"x" * 60)
+        q.produce(mock_topic, b"v", b"y" * 60)
+        q.produce(mock_topic, b"v", None)
+        assert q.flush(10) == 0
+        kept = rows(native.drain(small))
+        dropped = native.status(small)
+        assert dropped is not None and dropped.dropped == 3
+        assert sorted((e["kind"], repr(e["key"])) for e in kept) == [
+            ("ack", "None"),
+            ("send", "None"),
+            ("send", repr(b"x" * 60)),
+        ]
+        del q
+    finally:
+        native.forget(small)
+
+
+def test_user_callbacks_still_fire(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
+    seen: dict[str, list[Any]] = {"dr": [], "stats": [], "error": []}
+    conf = {
+        "bootstrap.servers": mock_cluster.bootstrap_servers,
+        "statistics.interval.ms": 100,
+        "on_delivery": lambda err, msg: seen["dr"].append((err, msg.key())),
+        "stats_cb": lambda doc: seen["stats"].append(doc),
+        "error_cb": lambda err: seen["error"].append(err),
+    }
+    p = confluent_kafka.Producer(native.configure(conf, src))
+    per_message: list[Any] = []
+    p.produce(mock_topic, b"v", b"a")
+    p.produce(mock_topic, b"v", b"b", on_delivery=lambda err, msg: per_message.append(msg.offset()))
+    deadline = time.monotonic() + 5
+    while (len(seen["dr"]) < 1 or not per_message or not seen["stats"]) and time.monotonic() < deadline:
+        p.poll(0.05)
+    assert seen["dr"] == [(None, b"a")] and len(per_message) == 1 and seen["stats"] and not seen["error"]
+    assert len(p) == 0 and p.list_topics(mock_topic, timeout=5).topics[mock_topic].partitions
+    assert [e["kind"] for e in rows(native.drain(src))].count("ack") == 2
+
+
+def test_consumer_records_consumptions(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
+    p = confluent_kafka.Producer({"bootstrap.servers": mock_cluster.bootstrap_servers})
+    for i in range(12):
+        p.produce(mock_topic, b"v" * 3, f"c{i}".encode())
+    assert p.flush(10) == 0
+    conf = {
+        "bootstrap.servers": mock_cluster.bootstrap_servers,
+        "group.id": f"g-{mock_topic}",
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": True,
+    }
+    c = confluent_kafka.Consumer(native.configure(conf, src))
+    c.subscribe([mock_topic])
+    got: list[Any] = []
+    deadline = time.monotonic() + 15
+    while len(got) < 12 and time.monotonic() < deadline:
+        m = c.poll(0.2)
+        if m is not None and not m.error():
+            got.append((m.key(), m.partition(), m.offset()))
+    c.close()
+    assert len(got) == 12
+    events = rows(native.drain(src, group_id=f"g-{mock_topic}", member_id="m-1"))
+    assert {e["kind"] for e in events} == {"consume"}, "partition EOF markers are not consumptions"
+    assert sorted((e["key"], e["partition"], e["offset"]) for e in events) == sorted(got)
+    assert all(e["topic"] == mock_topic and e["value_size"] == 3 and e["group_id"] == f"g-{mock_topic}" for e in events)
+    assert all(e["latency_us"] is not None and e["latency_us"] >= 0 for e in events)
+
+
+def test_forget_waits_for_the_client_to_be_destroyed(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
+    p = confluent_kafka.Producer(native.configure({"bootstrap.servers": mock_cluster.bootstrap_servers}, src))
+    p.produce(mock_topic, b"v", b"k")
+    native.forget(src)
+    # Still in use by a live client: the buffer stays valid and keeps recording, but is not drained any more.
+    assert p.flush(10) == 0
+    status = native.status(src)
+    assert status is not None and status.live_clients == 1 and status.recorded == 2
+    assert native.drain(src) is None
+    del p
+    assert native.status(src) is None
+
+
+def test_draining_while_producing_loses_nothing(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
+    batches: list[pa.RecordBatch] = []
+    stop = threading.Event()
+    seq = [1]
+
+    def drainer() -> None:
+        while not stop.is_set():
+            batch = native.drain(src, first_seq=seq[0])
+            if batch is not None:
+                seq[0] += batch.num_rows
+                batches.append(batch)
+            time.sleep(0.005)
+
+    reports: list[tuple[int, int]] = []
+    conf = {"bootstrap.servers": mock_cluster.bootstrap_servers, "linger.ms": 1}
+    p = confluent_kafka.Producer(native.configure(conf, src))
+    thread = threading.Thread(target=drainer)
+    thread.start()
+    try:
+        for i in range(20_000):
+            p.produce(
+                mock_topic,
+                b"v",
+                f"key-{i}".encode(),
+                on_delivery=lambda e, m: reports.append((m.partition(), m.offset())),
+            )
+            p.poll(0)
+        assert p.flush(20) == 0
+    finally:
+        stop.set()
+        thread.join()
+    last = native.drain(src, first_seq=seq[0])
+    table = pa.Table.from_batches(batches + ([last] if last is not None else []))
+    assert len(batches) > 2 and table.num_rows == 40_000
+    # Earlier batches own their memory: later drains reuse the C buffers without touching them.
+    assert table.column("seq").to_pylist() == list(range(1, 40_001))
+    events = table.to_pylist()
+    assert sorted(e["key"] for e in events if e["kind"] == "send") == sorted(f"key-{i}".encode() for i in range(20_000))
+    assert sorted((e["partition"], e["offset"]) for e in events if e["kind"] == "ack") == sorted(reports)
+    assert from_ipc(to_ipc(batches[0]))[0].equals(batches[0])
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_can_be_switched_off() -> None:
+    out = _python(
+        "from collector import native; print(native.available(), native.unavailable_reason())", KEYTRACE_NATIVE="0"
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "False disabled by KEYTRACE_NATIVE"
+
+
+def test_without_a_compiler_it_is_unavailable_not_broken(tmp_path: Path) -> None:
+    env = {"KEYTRACE_NATIVE_DIR": str(tmp_path / "empty"), "PATH": str(tmp_path), "CC": "", "TMPDIR": str(tmp_path)}
+    out = _python("from collector import native; print(native.available(), native.unavailable_reason())", **env)
+    assert out.returncode == 0 and out.stdout.startswith("False no C compiler found"), out.stdout + out.stderr
+
+
+def test_plugin_loaded_behind_our_back_fails_clearly() -> None:
+    # Without collector.native the plugin has no librdkafka functions; it must refuse, not crash.
+    code = (
+        "import confluent_kafka\n"
+        "try:\n"
+        f"    confluent_kafka.Producer({{'plugin.library.paths': {native.plugin_path()!r}}})\n"
+        "except confluent_kafka.KafkaException as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    out = _python(code)
+    assert out.returncode == 0 and "refused:" in out.stdout and "kt_bind" in out.stdout
