@@ -38,7 +38,30 @@ def run_streamlit(host: str, port: int) -> None:
     bootstrap.run(str(app), False, [], flags)
 
 
-def start_collector(db: str, bootstrap_servers: str, events_topic: str) -> tuple[Any, Any, threading.Event]:
+class CollectorThread:
+    """The collector loop on its own thread; `stop()` ends the loop before the store closes."""
+
+    def __init__(self, collector: Any) -> None:
+        self.collector = collector
+        self.event = threading.Event()
+        self.thread = threading.Thread(target=collector.run, args=(self.event,), name="keytrace-collector", daemon=True)
+        self.thread.start()
+
+    def set(self) -> None:
+        self.stop()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self.event.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.event.set()
+        self.thread.join(timeout)
+
+
+def start_collector(db: str, bootstrap_servers: str, events_topic: str) -> tuple[Any, Any, CollectorThread]:
     from collector.collect import Collector
     from collector.sinks import adopt_store
     from collector.store import Store
@@ -46,10 +69,7 @@ def start_collector(db: str, bootstrap_servers: str, events_topic: str) -> tuple
     store = Store(db)
     adopt_store(store, db)
     collector = Collector(store, bootstrap_servers, events_topic)
-    stop = threading.Event()
-    thread = threading.Thread(target=collector.run, args=(stop,), name="keytrace-collector", daemon=True)
-    thread.start()
-    return store, collector, stop
+    return store, collector, CollectorThread(collector)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
