@@ -26,6 +26,10 @@ class SinkError(RuntimeError):
 
 class DuckDBSink:
     def __init__(self, path: str) -> None:
+        # Import the store (and pandas, duckdb) now, in the application's thread: a first
+        # import on the shipper thread can race interpreter shutdown and fail there.
+        import collector.store  # noqa: F401
+
         self.uri = f"duckdb://{path}"
         self.path = path
         self._store: Any = None
