@@ -10,6 +10,7 @@ machine noise hits both alike; the figure is the median of the per-round ratios.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -20,10 +21,13 @@ import confluent_kafka
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collector import TracedProducer  # noqa: E402
+from collector import TracedProducer, native  # noqa: E402
 
 
-def run(cls: type, conf: dict, n: int, value: bytes, keys: list[bytes], per_message_cb: bool, **kw: object) -> float:
+def run(
+    cls: type, conf: dict, n: int, value: bytes, keys: list[bytes], per_message_cb: bool, **kw: object
+) -> tuple[float, float]:
+    """(messages per wall-clock second, messages per CPU second of this whole process)."""
     delivered = [0]
 
     def on_delivery(err: object, msg: object) -> None:
@@ -35,6 +39,7 @@ def run(cls: type, conf: dict, n: int, value: bytes, keys: list[bytes], per_mess
     p = cls(conf, **kw)
     nkeys = len(keys)
     t0 = time.perf_counter()
+    c0 = time.process_time()
     for i in range(n):
         while True:
             try:
@@ -48,6 +53,7 @@ def run(cls: type, conf: dict, n: int, value: bytes, keys: list[bytes], per_mess
         p.poll(0)
     p.flush(60)
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     if delivered[0] != n:
         raise SystemExit(f"{cls.__name__}: {delivered[0]} of {n} delivery reports")
     if isinstance(p, TracedProducer):
@@ -55,7 +61,7 @@ def run(cls: type, conf: dict, n: int, value: bytes, keys: list[bytes], per_mess
         p.close()
         if status["dropped"] or status["internal_errors"]:
             raise SystemExit(f"tracing lost events: {status}")
-    return n / elapsed
+    return n / elapsed, n / cpu
 
 
 def main() -> None:
@@ -77,19 +83,26 @@ def main() -> None:
     opts = {"sink": sink, "trace_options": {"spool_dir": str(tmp / "spool")}}
 
     run(confluent_kafka.Producer, conf, 20_000, value, keys, args.per_message_callback)  # warm up topic/metadata
-    ratios, plain_rates, traced_rates = [], [], []
+    ratios, cpu_ratios, plain_rates, traced_rates = [], [], [], []
     for r in range(args.rounds):
-        plain = run(confluent_kafka.Producer, conf, args.messages, value, keys, args.per_message_callback)
-        traced = run(TracedProducer, conf, args.messages, value, keys, args.per_message_callback, **opts)
+        plain, plain_cpu = run(confluent_kafka.Producer, conf, args.messages, value, keys, args.per_message_callback)
+        traced, traced_cpu = run(TracedProducer, conf, args.messages, value, keys, args.per_message_callback, **opts)
         plain_rates.append(plain)
         traced_rates.append(traced)
         ratios.append(traced / plain)
-        print(f"round {r + 1}: plain {plain:,.0f} msg/s  traced {traced:,.0f} msg/s  ratio {traced / plain:.3f}")
+        cpu_ratios.append(traced_cpu / plain_cpu)
+        print(
+            f"round {r + 1}: plain {plain:,.0f} msg/s  traced {traced:,.0f} msg/s  ratio {traced / plain:.3f}  "
+            f"(per CPU-second: {traced_cpu / plain_cpu:.3f})"
+        )
     print(
-        f"\nmessages/round={args.messages} sink={args.sink} per_message_callback={args.per_message_callback}\n"
+        f"\nmessages/round={args.messages} sink={args.sink} per_message_callback={args.per_message_callback} "
+        f"recorder={'native' if native.available() and os.environ.get('KEYTRACE_NATIVE', '1') != '0' else 'python'}\n"
         f"plain  median {statistics.median(plain_rates):,.0f} msg/s\n"
         f"traced median {statistics.median(traced_rates):,.0f} msg/s\n"
-        f"ratio  median {statistics.median(ratios):.3f}  (min {min(ratios):.3f}, max {max(ratios):.3f})"
+        f"ratio  median {statistics.median(ratios):.3f}  (min {min(ratios):.3f}, max {max(ratios):.3f})\n"
+        f"messages per CPU-second of the whole process (app, librdkafka, mock brokers, tracing), traced/plain: "
+        f"median {statistics.median(cpu_ratios):.3f}  (min {min(cpu_ratios):.3f}, max {max(cpu_ratios):.3f})"
     )
 
 

@@ -167,7 +167,9 @@ class TracedProducer(confluent_kafka.Producer):
     def produce(self, topic: str, value: Any = None, key: Any = None, *args: Any, **kwargs: Any) -> None:
         if self._kt_native:
             try:
-                return _produce(self, topic, value, key, *args, **kwargs)
+                if args or kwargs:
+                    return _produce(self, topic, value, key, *args, **kwargs)
+                return _produce(self, topic, value, key)
             except BufferError:
                 self._kt_reject(time_ns(), topic, value, key, kwargs.get("partition", args[0] if args else None))
                 raise
