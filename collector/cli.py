@@ -42,7 +42,8 @@ def parse_key(text: str, as_hex: bool) -> bytes:
         try:
             return bytes.fromhex(cleaned)
         except ValueError as exc:
-            raise SystemExit(f"keytrace: {text!r} is not valid hex ({exc})") from exc
+            print(f"keytrace: {text!r} is not valid hex ({exc})", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE) from exc
     return text.encode("utf-8", "surrogateescape")
 
 
@@ -99,7 +100,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
                     break
     finally:
         collector.close()
-        store.close()
+        try:
+            store.close()
+        except Exception as exc:  # a store invalidated by a failed write cannot checkpoint
+            print(f"keytrace collect: closing {args.db}: {exc}", file=sys.stderr, flush=True)
     s = collector.stats
     print(f"keytrace collect: stopped; records={s.records} rows={s.rows} dead_letters={s.dead_letters}", flush=True)
     return 0

@@ -14,12 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import confluent_kafka
+import duckdb
+import pyarrow as pa
 from confluent_kafka import TopicPartition
 
 from collector.options import DEFAULT_EVENTS_TOPIC
 from collector.schema import BatchError, from_ipc
 
 log = logging.getLogger("keytrace.collect")
+
+# (source "topic/partition@offset", value, its batches) and (source, reason, value).
+Record = tuple[str, bytes, list[pa.RecordBatch]]
+DeadLetter = tuple[str, str, bytes]
 
 
 @dataclass
@@ -33,6 +39,32 @@ class CollectorStats:
     last_error: str | None = None
     last_ingest_at: float | None = None
     started_at: float = field(default_factory=time.time)
+
+
+# Errors that the content of a batch causes (a null id, invalid UTF-8, an out-of-range
+# time): that record goes to the dead-letter table. Any other error is the store's.
+_DATA_ERRORS = (
+    duckdb.ConstraintException,
+    duckdb.ConversionException,
+    duckdb.InvalidInputException,
+    duckdb.DataError,
+    ArithmeticError,
+    ValueError,
+    TypeError,
+)
+
+
+def _root(exc: BaseException) -> BaseException:
+    """The first error of a chain: a failed ROLLBACK or cleanup must not hide why a write failed."""
+    while (nxt := exc.__cause__ or exc.__context__) is not None:
+        exc = nxt
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    root = _root(exc)
+    text = f"{type(exc).__name__}: {exc}"
+    return text if root is exc else f"{text} (caused by {type(root).__name__}: {root})"
 
 
 class Collector:
@@ -69,6 +101,7 @@ class Collector:
         self.consumer = confluent_kafka.Consumer(conf)
         self.consumer.subscribe([topic])
         self.stats = CollectorStats()
+        self.store_name = str(getattr(store, "path", type(store).__name__))
         self._stop = threading.Event()
 
     def step(self, timeout: float = 0.5) -> int:
@@ -76,8 +109,8 @@ class Collector:
         msgs = self.consumer.consume(self.max_records, timeout)
         if not msgs:
             return 0
-        batches = []
-        dead: list[tuple[str, str, bytes]] = []
+        records: list[Record] = []
+        dead: list[DeadLetter] = []
         commit: dict[tuple[str, int], int] = {}
         first: dict[tuple[str, int], int] = {}
         for m in msgs:
@@ -90,19 +123,29 @@ class Collector:
             first.setdefault(tp, m.offset())
             commit[tp] = m.offset() + 1
             self.stats.records += 1
+            source = f"{m.topic()}/{m.partition()}@{m.offset()}"
             value = m.value() or b""
             try:
-                batches.extend(from_ipc(value))
+                parsed = from_ipc(value)
             except BatchError as exc:
-                dead.append((f"{m.topic()}/{m.partition()}@{m.offset()}", str(exc), value))
+                dead.append((source, str(exc), value))
+                continue
+            if not parsed:
+                # A stream cut right after its schema parses as empty; keytrace never ships one.
+                dead.append((source, "no record batch in the Arrow stream (truncated after its schema?)", value))
+                continue
+            records.append((source, value, parsed))
+        batches = sum(len(parsed) for _, _, parsed in records)
         try:
+            # Ingest is idempotent and dead letters are not: store first, so a retry after a
+            # failure does not write the same dead letters twice.
+            rows = self._ingest(records, dead)
             for source, reason, payload in dead:
                 self.store.dead_letter(source, reason, payload)
-            rows = self.store.ingest(batches) if batches else 0
         except Exception as exc:
             # Nothing is committed: rewind so that these records are read again.
             self.stats.store_errors += 1
-            self.stats.last_error = f"store refused {len(batches)} batches: {type(exc).__name__}: {exc}"
+            self.stats.last_error = f"store {self.store_name} refused {batches} batches: {_describe(exc)}"
             log.error("%s (offsets not committed; will retry)", self.stats.last_error)
             for (topic, partition), offset in first.items():
                 try:
@@ -111,7 +154,7 @@ class Collector:
                     pass
             raise
         self.stats.dead_letters += len(dead)
-        self.stats.batches += len(batches)
+        self.stats.batches += batches
         self.stats.rows += rows
         self.stats.last_ingest_at = time.time()
         if commit:
@@ -119,6 +162,30 @@ class Collector:
                 offsets=[TopicPartition(t, p, o) for (t, p), o in commit.items()],
                 asynchronous=False,
             )
+        return rows
+
+    def _ingest(self, records: list[Record], dead: list[DeadLetter]) -> int:
+        """Store every record's batches in one transaction; if their content breaks it, one record at a time.
+
+        A record the store rejects for its content is moved to `dead`, so that one bad record
+        cannot stop the collector for good. A storage failure propagates.
+        """
+        batches = [b for _, _, parsed in records for b in parsed]
+        if not batches:
+            return 0
+        try:
+            return self.store.ingest(batches)
+        except Exception as exc:
+            if not isinstance(_root(exc), _DATA_ERRORS):
+                raise
+        rows = 0
+        for source, payload, parsed in records:
+            try:
+                rows += self.store.ingest(parsed)
+            except Exception as exc:
+                if not isinstance(_root(exc), _DATA_ERRORS):
+                    raise
+                dead.append((source, f"the store rejected it: {_describe(exc)}", payload))
         return rows
 
     def run(self, stop: threading.Event | None = None, retry_backoff_s: float = 2.0, fail_fast: bool = False) -> None:
