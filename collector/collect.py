@@ -33,7 +33,6 @@ class CollectorStats:
     records: int = 0
     batches: int = 0
     rows: int = 0
-    duplicates_skipped: int = 0
     dead_letters: int = 0
     store_errors: int = 0
     last_error: str | None = None

@@ -205,7 +205,7 @@ class TracedProducer(confluent_kafka.Producer):
         try:
             _produce(self, topic, value, key, **kwargs)
         except BufferError:
-            self._kt_reject(t, topic, value, key, partition)
+            self._kt_reject(t, topic, value, key, partition, trace=trace)
             raise
         if trace is not None:
             self._kt_outstanding += 1
@@ -251,7 +251,16 @@ class TracedProducer(confluent_kafka.Producer):
 
         return on_delivery
 
-    def _kt_reject(self, t: int, topic: str, value: Any, key: Any, partition: Any, reason: str | None = None) -> None:
+    def _kt_reject(
+        self,
+        t: int,
+        topic: str,
+        value: Any,
+        key: Any,
+        partition: Any,
+        reason: str | None = None,
+        trace: int | None = None,
+    ) -> None:
         try:
             self._kt_tracer.event(
                 schema.REJECT,
@@ -260,6 +269,7 @@ class TracedProducer(confluent_kafka.Producer):
                 key=key,
                 value_size=size_of(value),
                 partition=partition if partition is not None and partition >= 0 else None,
+                trace_seq=trace,
                 error_name="_QUEUE_FULL" if reason is None else "_PRODUCE_FAILED",
                 error_message=reason or "BufferError: local producer queue is full",
                 detail=f'{{"queue_len": {len(self)}}}',
@@ -298,7 +308,7 @@ class TracedProducer(confluent_kafka.Producer):
             try:
                 _produce(self, topic, value, key, **kwargs)
             except BufferError:
-                self._kt_reject(t, topic, value, key, kwargs.get("partition"))
+                self._kt_reject(t, topic, value, key, kwargs.get("partition"), trace=trace)
                 with self._kt_due_lock:
                     heapq.heappush(self._kt_due, (now + self._kt_backoff_s, trace, ctx))
                 continue

@@ -49,8 +49,8 @@ EVENTS = _schema(
         pa.field("offset", pa.int64()),
         pa.field("key", pa.binary()),
         pa.field("value_size", pa.int32()),
-        # seq of the first attempt's send event; null means "this event's own
-        # send". The trace id is hex(src) || hex(trace_seq).
+        # The trace number every attempt of one message shares (resend policy on);
+        # null means the event's own seq. The trace id is hex(src) || hex(trace_seq).
         pa.field("trace_seq", pa.uint64()),
         pa.field("attempt", pa.int16()),
         # ack/error: msg.latency(); consume: now - message timestamp.

@@ -90,6 +90,8 @@ class KafkaSink:
             "message.timeout.ms": 10000,
             "queue.buffering.max.kbytes": 65536,
             "message.max.bytes": 1000000,
+            # Find a returning cluster within a second, so the spool is replayed promptly.
+            "reconnect.backoff.max.ms": 1000,
         }
         base.update(conf or {})
         self._producer = confluent_kafka.Producer(base)

@@ -128,3 +128,26 @@ def broker(kafka: KafkaCluster) -> Iterator[Any]:
         kafka.broker.resume()
     if not kafka.broker.running:
         kafka.broker.restart()
+
+
+@pytest.fixture(scope="module")
+def proxied_broker() -> Iterator[tuple[Any, Any]]:
+    """A second broker whose client listener is advertised at an IdleProxy, so that every client
+    connection after bootstrap runs through the proxy; yields (broker, proxy)."""
+    from idle_proxy import IdleProxy
+
+    broker: Any = None
+    proxy = IdleProxy(lambda: ("127.0.0.1", broker.port), idle_s=30.0).start()
+    # Only the PLAINTEXT listener is overridden; the controller keeps advertising its own address.
+    broker = kafka_broker.KafkaBroker(config={"advertised.listeners": f"PLAINTEXT://127.0.0.1:{proxy.port}"})
+    try:
+        broker.start()
+    except Exception as exc:
+        broker.close()
+        proxy.close()
+        _unavailable(f"{type(exc).__name__}: {exc}")
+    try:
+        yield broker, proxy
+    finally:
+        broker.close()
+        proxy.close()
