@@ -139,8 +139,7 @@ class Collector:
             # Ingest is idempotent and dead letters are not: store first, so a retry after a
             # failure does not write the same dead letters twice.
             rows = self._ingest(records, dead)
-            for source, reason, payload in dead:
-                self.store.dead_letter(source, reason, payload)
+            self.store.dead_letter_many(dead)
         except Exception as exc:
             # Nothing is committed: rewind so that these records are read again.
             self.stats.store_errors += 1

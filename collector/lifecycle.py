@@ -36,6 +36,9 @@ LIFECYCLE_KINDS = ("send", "resend", "reject", "ack", "error", "consume")
 # plain rank order holds, so jitter between a send's `ts` and librdkafka's enqueue time
 # never misaligns pairs.
 MISSING_REPORT_SLACK_US = 50_000
+# How long after a group consumed a message its covering commit is looked for.
+COMMIT_WINDOW = dt.timedelta(minutes=2)
+COMMIT_WINDOW_US = int(COMMIT_WINDOW / dt.timedelta(microseconds=1))
 _ORDER = {"send": 0, "resend": 0, "reject": 0, "ack": 1, "error": 1, "consume": 2, "commit": 3}
 
 
@@ -151,7 +154,7 @@ def assemble(rows: Sequence[Row], commits: Sequence[Row] = ()) -> list[dict[str,
     """Messages (oldest send first) from the events of one or more keys.
 
     `rows` are event rows with `ts_us` (epoch microseconds) in place of `ts`; `commits`
-    are rows of the commits table for the groups that consumed them. The result uses Python values:
+    are rows of the commits table around their consumptions (see _attach_commits). The result uses Python values:
     `ts` is a UTC datetime and `key` is bytes.
     """
     streams: dict[tuple, tuple[list[Row], list[Row]]] = defaultdict(lambda: ([], []))
@@ -202,19 +205,37 @@ def assemble(rows: Sequence[Row], commits: Sequence[Row] = ()) -> list[dict[str,
     return [_render(m) for m in result]
 
 
+def _commit_order(c: Row) -> tuple[int, int]:
+    return c["ts_us"], c["seq"]
+
+
 def _attach_commits(messages: list[_Message], commits: Sequence[Row]) -> None:
     """Add, for each group that consumed a message, its first commit past the message.
 
-    `commits` rows say which commit covers which (group_id, topic, partition,
-    message_offset): ts_us, seq, committed (the offset committed), error_name.
+    That is the group's first commit of the message's partition, made after its first
+    consumption (and at most COMMIT_WINDOW later), whose committed offset is greater than
+    the message's offset. `commits` rows hold one committed partition each: ts_us, seq,
+    group_id, topic, partition, committed, error_name.
     """
-    covering = {(c["group_id"], c["topic"], c["partition"], c["message_offset"]): c for c in commits}
+    by_partition: dict[tuple, list[Row]] = defaultdict(list)
+    for c in commits:
+        by_partition[(c["group_id"], c["topic"], c["partition"])].append(c)
+    for rows in by_partition.values():
+        rows.sort(key=_commit_order)
     for m in messages:
         topic, partition, offset = m.position()
-        for group in dict.fromkeys(c["group_id"] for c in m.consumes):
-            hit = covering.get((group, topic, partition, offset))
-            if hit is not None:
-                m.commits.append(dict(hit, kind="commit", offset=hit["committed"]))
+        if offset is None:
+            continue
+        first_read: dict[str, int] = {}
+        for c in m.consumes:
+            first_read.setdefault(c["group_id"], c["ts_us"])
+        for group, since in first_read.items():
+            for c in by_partition.get((group, topic, partition), ()):
+                if c["ts_us"] > since + COMMIT_WINDOW_US:
+                    break
+                if c["ts_us"] >= since and c["committed"] is not None and c["committed"] > offset:
+                    m.commits.append(dict(c, kind="commit", offset=c["committed"]))
+                    break
 
 
 def _ms(us: int | None) -> float | None:

@@ -41,9 +41,6 @@ ROW_GROUP_SIZE = 16_384
 FANIN = 8
 # Runs below this size are merged by ingest itself; larger ones only by compact().
 AUTO_MERGE_MAX_ROWS = 65_536
-# How long after a consumption a commit of the same group is looked for.
-COMMIT_WINDOW = dt.timedelta(minutes=2)
-_COMMIT_WINDOW_US = int(COMMIT_WINDOW / dt.timedelta(microseconds=1))
 # Around a null-key message's produce time, the window paired on its own (see lifecycle).
 NULL_KEY_WINDOW = dt.timedelta(seconds=10)
 REPORT_HORIZON = dt.timedelta(minutes=15)
@@ -108,27 +105,6 @@ _INSERT_COMMITS = """
 """
 _KEY_ROWS = f"SELECT {_ROW_COLS} FROM events WHERE key_hash = hash($key::BLOB)"  # noqa: S608
 _KEY_ROWS_SCAN = f"SELECT {_ROW_COLS} FROM events WHERE key IS NOT DISTINCT FROM $key::BLOB"  # noqa: S608
-# A key's events and, in the same round trip, the commits that cover its consumptions:
-# rows of kind 'commit' here name the message offset they cover in `covers`.
-_KEY_LIFECYCLE = f"""
-    WITH k AS MATERIALIZED (SELECT {_ROW_COLS} FROM events WHERE key_hash = hash($key::BLOB)),
-    w AS (
-        SELECT group_id AS g, topic AS t, "partition" AS p, "offset" AS o, min(ts_us) AS s FROM k
-        WHERE kind = 'consume' AND group_id IS NOT NULL AND "offset" IS NOT NULL GROUP BY ALL
-    ), hits AS (
-        SELECT w.g, w.t, w.p, w.o, min(c.ts) AS ts, arg_min(c.seq, c.ts) AS seq,
-               arg_min(c.committed, c.ts) AS committed, arg_min_null(c.error_name, c.ts) AS error_name
-        FROM w JOIN commits c
-          ON c.group_id = w.g AND c.topic = w.t AND c."partition" = w.p AND c.committed > w.o
-         AND epoch_us(c.ts) BETWEEN w.s AND w.s + $window_us
-        WHERE c.ts BETWEEN make_timestamptz((SELECT min(s) FROM w))
-                       AND make_timestamptz((SELECT max(s) FROM w) + $window_us)
-        GROUP BY ALL
-    )
-    SELECT *, NULL::BIGINT AS covers FROM k
-    UNION ALL
-    SELECT NULL, seq, epoch_us(ts), 'commit', t, p, committed, NULL, NULL, NULL, NULL, error_name, NULL, g, o FROM hits
-"""  # noqa: S608
 _KEYS_ROWS = (
     f"SELECT {_ROW_COLS} FROM events "  # noqa: S608
     "WHERE key_hash IN (SELECT hash(k) FROM unnest($keys::BLOB[]) AS t(k))"
@@ -141,16 +117,11 @@ _POSITION_ROWS = (
     f"SELECT {_ROW_COLS} FROM events "  # noqa: S608
     "WHERE topic = $topic AND \"partition\" = $partition AND \"offset\" = $offset AND kind IN ('ack', 'consume')"
 )
-# For each (group, position) consumed, the group's first commit past it within COMMIT_WINDOW.
+# Commits that may cover a key's consumptions; lifecycle.py picks each group's first one.
 _COMMITS = """
-    SELECT w.g AS group_id, w.t AS topic, w.p AS "partition", w.o AS message_offset,
-           epoch_us(min(c.ts)) AS ts_us, arg_min(c.seq, c.ts) AS seq, arg_min(c.committed, c.ts) AS committed,
-           arg_min_null(c.error_name, c.ts) AS error_name
-    FROM kt_wanted w JOIN commits c
-      ON c.group_id = w.g AND c.topic = w.t AND c."partition" = w.p AND c.committed > w.o
-     AND c.ts >= w.s AND c.ts <= w.s + to_microseconds($window_us)
-    WHERE c.ts BETWEEN $lo AND $hi
-    GROUP BY ALL
+    SELECT epoch_us(ts) AS ts_us, seq, group_id, topic, "partition", committed, error_name FROM commits
+    WHERE ts BETWEEN $lo AND $hi AND topic = $topic AND "partition" = $partition
+    ORDER BY ts, seq
 """
 # Keys in [lo, hi), latest first, with the sends that bound how many messages each holds.
 # At most $cap events are read; when the cap is hit the prefix is broad and the caller
@@ -218,7 +189,7 @@ class Store:
             self._con.execute(f"ATTACH ? AS keytrace (ROW_GROUP_SIZE {int(ROW_GROUP_SIZE)})", [str(self.path)])
             self._con.execute("USE keytrace")
             self._create_schema()
-        self._con.execute("SET TimeZone = 'UTC'")
+        self._session(self._con)
         self._hash_ok = self._check_hash()
         self._next_run = self._con.execute("SELECT coalesce(max(run), 0) + 1 FROM runs").fetchone()[0]
 
@@ -262,9 +233,15 @@ class Store:
             cur = self._con.cursor()
             if not self.read_only:
                 cur.execute("USE keytrace")
-            cur.execute("SET TimeZone = 'UTC'")
+            self._session(cur)
             self._cursors.append(cur)
         return cur
+
+    @staticmethod
+    def _session(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("SET TimeZone = 'UTC'")
+        # DuckDB draws a progress bar on the terminal during long statements (merges, exports).
+        con.execute("SET enable_progress_bar = false")
 
     def _release(self, cur: duckdb.DuckDBPyConnection) -> None:
         with self._cursors_lock:
@@ -360,10 +337,17 @@ class Store:
                     rows += self._insert(table, pa.Table.from_batches(parts))
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                # After a failed COMMIT there is no transaction left; keep the real error.
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass
                 raise
             finally:
-                con.unregister("kt_ids")
+                try:
+                    con.unregister("kt_ids")
+                except duckdb.Error:
+                    pass
             if by_table.get("events"):
                 self._auto_merge()
         return rows
@@ -405,12 +389,41 @@ class Store:
 
     def dead_letter(self, source: str, reason: str, payload: bytes) -> None:
         """Keep a record that could not be ingested, for inspection."""
+        self.dead_letter_many([(source, reason, payload)])
+
+    def dead_letter_many(self, rows: Sequence[tuple[str, str, bytes]]) -> None:
+        """Keep many such records in one insert (a poll can bring thousands)."""
         self._writable()
+        if not rows:
+            return
+        data = pa.table(
+            {
+                "source": pa.array([r[0] for r in rows], pa.string()),
+                "reason": pa.array([r[1] for r in rows], pa.string()),
+                "payload": pa.array([r[2] for r in rows], pa.binary()),
+            }
+        )
         with self._write_lock:
-            self._con.execute(
-                "INSERT INTO dead_letters (received_at, source, reason, payload) VALUES (now(), ?, ?, ?)",
-                [source, reason, payload],
-            )
+            con = self._con
+            con.execute("BEGIN")
+            try:
+                con.register("kt_dead", data)
+                con.execute(
+                    "INSERT INTO dead_letters (received_at, source, reason, payload) "
+                    "SELECT now(), source, reason, payload FROM kt_dead"
+                )
+                con.execute("COMMIT")
+            except BaseException:
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass
+                raise
+            finally:
+                try:
+                    con.unregister("kt_dead")
+                except duckdb.Error:
+                    pass
 
     # -- runs and their merging -----------------------------------------------------------------
 
@@ -451,7 +464,10 @@ class Store:
             )
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
             raise
 
     def _auto_merge(self) -> None:
@@ -527,35 +543,24 @@ class Store:
         return [r for r in self._rows(sql, {"key": key}) if r["key"] == key and r["kind"] in lifecycle.LIFECYCLE_KINDS]
 
     def _commits_for(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """For each group and position these rows consumed, the first commit that covers it."""
-        first: dict[tuple, int] = {}
+        """Commits of the partitions these rows consumed, from the first consumption on."""
+        spans: dict[tuple[str, int], tuple[int, int]] = {}
         for r in rows:
-            if r["kind"] == "consume" and r["group_id"] is not None and r["offset"] is not None:
-                pos = (r["group_id"], r["topic"], r["partition"], r["offset"])
-                first[pos] = min(first.get(pos, r["ts_us"]), r["ts_us"])
-        if not first:
-            return []
-        # An Arrow table binds faster than five list parameters.
-        wanted = pa.table(
-            {
-                "g": pa.array([w[0] for w in first], pa.string()),
-                "t": pa.array([w[1] for w in first], pa.string()),
-                "p": pa.array([w[2] for w in first], pa.int32()),
-                "o": pa.array([w[3] for w in first], pa.int64()),
-                "s": pa.array(list(first.values()), pa.timestamp("us", tz="UTC")),
+            if r["kind"] == "consume" and r["group_id"] is not None and r["partition"] is not None:
+                lo, hi = spans.get((r["topic"], r["partition"]), (r["ts_us"], r["ts_us"]))
+                spans[(r["topic"], r["partition"])] = (min(lo, r["ts_us"]), max(hi, r["ts_us"]))
+        out: list[dict[str, Any]] = []
+        # One query per partition: a key's messages usually share one, and scalar
+        # parameters bind faster than lists.
+        for (topic, partition), (lo, hi) in spans.items():
+            params = {
+                "topic": topic,
+                "partition": partition,
+                "lo": lifecycle.to_datetime(lo),
+                "hi": lifecycle.to_datetime(hi) + lifecycle.COMMIT_WINDOW,
             }
-        )
-        params = {
-            "window_us": _COMMIT_WINDOW_US,
-            "lo": lifecycle.to_datetime(min(first.values())),
-            "hi": lifecycle.to_datetime(max(first.values())) + COMMIT_WINDOW,
-        }
-        cur = self.cursor()
-        cur.register("kt_wanted", wanted)
-        try:
-            return self._rows(_COMMITS, params)
-        finally:
-            cur.unregister("kt_wanted")
+            out.extend(self._rows(_COMMITS, params))
+        return out
 
     def lifecycle(self, key: bytes | None, prefix: bool = False, limit: int = 200) -> list[dict[str, Any]]:
         """Messages sent with `key` (or, with `prefix`, with any key starting with it), each with its events.
@@ -566,16 +571,8 @@ class Store:
         """
         if prefix:
             return self._prefix_lifecycle(key or b"", limit)
-        if not self._hash_ok:
-            rows = self._key_rows(key)
-            return lifecycle.assemble(rows, self._commits_for(rows))[-limit:] if limit else []
-        rows, commits = [], []
-        for r in self._rows(_KEY_LIFECYCLE, {"key": key, "window_us": _COMMIT_WINDOW_US}):
-            if r["kind"] == "commit":
-                commits.append(dict(r, message_offset=r["covers"], committed=r["offset"], group_id=r["group_id"]))
-            elif r["key"] == key and r["kind"] in lifecycle.LIFECYCLE_KINDS:
-                rows.append(r)
-        messages = lifecycle.assemble(rows, commits)
+        rows = self._key_rows(key)
+        messages = lifecycle.assemble(rows, self._commits_for(rows))
         return messages[-limit:] if limit else []
 
     def _since_windows(self) -> list[dt.datetime]:

@@ -94,14 +94,15 @@ def test_pushed_produce_errors_are_retried_internally_and_show_in_partition_stat
     cluster.create_topic(TOPIC, partitions=1, replication_factor=1)
     stats: list[dict] = []
     p = producer(cluster, **{"statistics.interval.ms": 100, "stats_cb": lambda s: stats.append(json.loads(s))})
-    baseline = send(p, TOPIC, 0, 1)[0].latency()
+    send(p, TOPIC, 0, 1)
 
     cluster.push_request_errors(ApiKey.Produce, [KafkaError.NOT_LEADER_FOR_PARTITION] * 3)
     (m,) = send(p, TOPIC, 0, 1)
     assert m.error() is None
     assert m.offset() == 1
-    # Each retry waits out retry.backoff.ms (100 ms) and a metadata refresh.
-    assert m.latency() > baseline + 0.2
+    # Each retry waits out retry.backoff.ms (100 ms, growing per retry) and a metadata refresh;
+    # an absolute bound, since a loaded machine makes any "baseline" latency noisy.
+    assert m.latency() > 0.2
 
     stats.clear()
     deadline = time.monotonic() + 5
