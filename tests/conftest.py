@@ -8,11 +8,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from collector.mockcluster import MockCluster
-from collector.schema import from_ipc, table_of
 
 
 @pytest.fixture(autouse=True)
@@ -43,15 +41,6 @@ def topic_name() -> str:
 def mock_topic(mock_cluster: MockCluster, topic_name: str) -> str:
     mock_cluster.create_topic(topic_name, partitions=4, replication_factor=3)
     return topic_name
-
-
-def read_spool(directory: Path) -> dict[str, pa.Table]:
-    """Every batch in a spool directory, per table: the bytes a sink would have shipped."""
-    tables: dict[str, list[pa.RecordBatch]] = {}
-    for path in sorted(Path(directory).glob("*.arrow")):
-        for batch in from_ipc(path.read_bytes()):
-            tables.setdefault(table_of(batch), []).append(batch)
-    return {name: pa.Table.from_batches(batches) for name, batches in tables.items()}
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import ARTIFACTS, free_port, wait_healthy
+from browser_support import ARTIFACTS, free_port, wait_healthy
 
 
 def test_demo_shows_live_data_within_30_seconds(browser: Any, tmp_path: Path) -> None:

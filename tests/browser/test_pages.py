@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from conftest import ARTIFACTS
+from browser_support import ARTIFACTS
 
 from collector import TracedConsumer, TracedProducer
 

@@ -10,7 +10,7 @@ from typing import Any
 import confluent_kafka
 import pyarrow.compute as pc
 import pytest
-from conftest import read_spool
+from spool_reader import read_spool
 
 from collector import TracedConsumer, TracedProducer
 from collector.mockcluster import MockCluster
