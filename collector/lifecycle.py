@@ -19,6 +19,7 @@ offset) of its ack.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Sequence
@@ -205,10 +206,6 @@ def assemble(rows: Sequence[Row], commits: Sequence[Row] = ()) -> list[dict[str,
     return [_render(m) for m in result]
 
 
-def _commit_order(c: Row) -> tuple[int, int]:
-    return c["ts_us"], c["seq"]
-
-
 def _attach_commits(messages: list[_Message], commits: Sequence[Row]) -> None:
     """Add, for each group that consumed a message, its first commit past the message.
 
@@ -218,10 +215,9 @@ def _attach_commits(messages: list[_Message], commits: Sequence[Row]) -> None:
     group_id, topic, partition, committed, error_name.
     """
     by_partition: dict[tuple, list[Row]] = defaultdict(list)
-    for c in commits:
+    for c in sorted(commits, key=lambda r: (r["ts_us"], r["seq"])):
         by_partition[(c["group_id"], c["topic"], c["partition"])].append(c)
-    for rows in by_partition.values():
-        rows.sort(key=_commit_order)
+    times = {k: [c["ts_us"] for c in v] for k, v in by_partition.items()}
     for m in messages:
         topic, partition, offset = m.position()
         if offset is None:
@@ -230,10 +226,12 @@ def _attach_commits(messages: list[_Message], commits: Sequence[Row]) -> None:
         for c in m.consumes:
             first_read.setdefault(c["group_id"], c["ts_us"])
         for group, since in first_read.items():
-            for c in by_partition.get((group, topic, partition), ()):
+            k = (group, topic, partition)
+            candidates = by_partition.get(k, [])
+            for c in candidates[bisect.bisect_left(times.get(k, []), since) :]:
                 if c["ts_us"] > since + COMMIT_WINDOW_US:
                     break
-                if c["ts_us"] >= since and c["committed"] is not None and c["committed"] > offset:
+                if c["committed"] is not None and c["committed"] > offset:
                     m.commits.append(dict(c, kind="commit", offset=c["committed"]))
                     break
 

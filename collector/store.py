@@ -121,7 +121,6 @@ _POSITION_ROWS = (
 _COMMITS = """
     SELECT epoch_us(ts) AS ts_us, seq, group_id, topic, "partition", committed, error_name FROM commits
     WHERE ts BETWEEN $lo AND $hi AND topic = $topic AND "partition" = $partition
-    ORDER BY ts, seq
 """
 # Keys in [lo, hi), latest first, with the sends that bound how many messages each holds.
 # At most $cap events are read; when the cap is hit the prefix is broad and the caller
