@@ -43,10 +43,11 @@ def main() -> None:
     with MockCluster(num_brokers=3) as cluster:
         cluster.create_topic("orders", partitions=6, replication_factor=3)
         cluster.create_topic(topic, partitions=4, replication_factor=3)
-        store, collector, stop = start_collector(str(tmp / "serve.duckdb"), cluster.bootstrap_servers, topic)
+        store, collector, loop = start_collector(str(tmp / "serve.duckdb"), cluster.bootstrap_servers, topic)
         acked: dict[bytes, tuple[int, int, float]] = {}
         visible: dict[bytes, float] = {}
         lock = threading.Lock()
+        stop = threading.Event()
 
         def on_delivery(err: Any, msg: Any) -> None:
             if err is None:
@@ -93,6 +94,7 @@ def main() -> None:
         p.close()
         stop.set()
         check.join(2)
+        loop.stop()
         collector.close()
         store.close()
     lat = [visible[k] - acked[k][2] for k in acked if k in visible]

@@ -47,15 +47,6 @@ class CollectorThread:
         self.thread = threading.Thread(target=collector.run, args=(self.event,), name="keytrace-collector", daemon=True)
         self.thread.start()
 
-    def set(self) -> None:
-        self.stop()
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    def wait(self, timeout: float) -> bool:
-        return self.event.wait(timeout)
-
     def stop(self, timeout: float = 10.0) -> None:
         self.event.set()
         self.thread.join(timeout)
@@ -75,7 +66,7 @@ def start_collector(db: str, bootstrap_servers: str, events_topic: str) -> tuple
 def cmd_serve(args: argparse.Namespace) -> int:
     from dashboard import runtime
 
-    store, collector, stop = start_collector(args.db, args.bootstrap_servers, args.events_topic)
+    store, collector, loop = start_collector(args.db, args.bootstrap_servers, args.events_topic)
     runtime.configure(
         mode="serve",
         store=store,
@@ -89,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         run_streamlit(args.host, args.port)
     finally:
-        stop.set()
+        loop.stop()
         collector.close()
         store.close()
     return 0
@@ -118,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cluster = MockCluster(num_brokers=3)
     topic = DEFAULT_EVENTS_TOPIC
     cluster.create_topic(topic, partitions=4, replication_factor=3)
-    store, collector, stop = start_collector(db, cluster.bootstrap_servers, topic)
+    store, collector, loop = start_collector(db, cluster.bootstrap_servers, topic)
     demo = Demo(cluster, sink=f"kafka://{cluster.bootstrap_servers}/{topic}", scheduled_faults=not args.no_faults)
     demo.start()
     runtime.configure(
@@ -136,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_streamlit(args.host, args.port)
     finally:
         demo.stop()
-        stop.set()
+        loop.stop()
         collector.close()
         store.close()
         cluster.close()
