@@ -161,10 +161,15 @@ class TracedProducer(confluent_kafka.Producer):
         tracer.config(redact(user_conf))
         if self._kt_resend:
             tracer.shipper.add_hook(self._kt_run_due)
+        if native_mode:
+            _install_fast_produce()
 
     # -- the hot path -------------------------------------------------------------------
 
     def produce(self, topic: str, value: Any = None, key: Any = None, *args: Any, **kwargs: Any) -> None:
+        # With the native recorder this method is replaced by a C method descriptor
+        # (collector/native/kt_produce.c) that does the first branch below without a
+        # Python frame, and calls this function (as _kt_produce_py) for the Python recorder.
         if self._kt_native:
             try:
                 if args or kwargs:
@@ -250,6 +255,12 @@ class TracedProducer(confluent_kafka.Producer):
             return user_cb(err, msg)
 
         return on_delivery
+
+    def _kt_reject_call(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Called by the C produce() when the original raised BufferError, with that call's arguments."""
+        bound = dict(zip(("topic", "value", "key", *_POSITIONAL), args, strict=False))
+        bound.update(kwargs)
+        self._kt_reject(time_ns(), bound.get("topic"), bound.get("value"), bound.get("key"), bound.get("partition"))
 
     def _kt_reject(
         self,
@@ -358,3 +369,19 @@ class TracedProducer(confluent_kafka.Producer):
     def trace_status(self) -> dict[str, Any]:
         """keytrace's own counters for this client: recorded, spooled, dropped, errors."""
         return self._kt_tracer.status()
+
+
+TracedProducer._kt_produce_py = TracedProducer.produce  # type: ignore[attr-defined]
+_fast_lock = threading.Lock()
+
+
+def _install_fast_produce() -> None:
+    """Swap TracedProducer.produce for the C descriptor, once, if it can be built here."""
+    if not isinstance(TracedProducer.__dict__["produce"], type(_install_fast_produce)):
+        return
+    with _fast_lock:
+        if not isinstance(TracedProducer.__dict__["produce"], type(_install_fast_produce)):
+            return
+        produce_type = native.produce_descriptor()
+        if produce_type is not None:
+            TracedProducer.produce = produce_type(_produce, "_kt_native", "_kt_produce_py", "_kt_reject_call")

@@ -8,7 +8,9 @@ is self-describing wherever it lands.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = "1"
 META_TABLE = b"keytrace.table"
@@ -161,11 +163,141 @@ def table_of(batch: pa.RecordBatch) -> str:
     return table
 
 
-_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+# One thread: on a busy application host Arrow's thread pool costs more CPU than it saves.
+_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd", use_threads=False)
+
+# The wire form of an events batch (what travels to Kafka and sits in the spool) is
+# smaller than the store's form, which matters because the traced application pays
+# for every byte it compresses and ships:
+#   - a constant `src` and a consecutive `seq` travel in the metadata, not as columns;
+#   - columns that are null in every row are left out;
+#   - low-cardinality strings travel dictionary-encoded.
+# `from_ipc` turns it back into the store's form, so nothing past it sees the difference.
+META_WIRE = b"keytrace.wire"
+META_SRC = b"keytrace.src"
+META_SEQ_LO = b"keytrace.seq_lo"
+WIRE_COMPACT = b"compact"
+_DICT_COLUMNS = frozenset({"kind", "client_id", "topic", "error_name", "group_id", "member_id"})
+_EVENT_TYPES = {f.name: f.type for f in EVENTS}
+
+
+def to_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The compact wire form of an events batch; any other batch is returned unchanged."""
+    if is_wire(batch) or batch.schema.metadata != EVENTS.metadata or batch.schema != EVENTS or batch.num_rows == 0:
+        return batch
+    n = batch.num_rows
+    meta = dict(EVENTS.metadata)
+    meta[META_WIRE] = WIRE_COMPACT
+    fields: list[pa.Field] = []
+    arrays: list[pa.Array] = []
+    src, seq = batch.column(0), batch.column(1)
+    if src.null_count == 0 and seq.null_count == 0:
+        lo = src[0].as_py()
+        if pc.all(pc.equal(src, lo)).as_py():
+            meta[META_SRC] = str(lo).encode()
+        else:
+            fields.append(EVENTS.field("src"))
+            arrays.append(src)
+        first = seq[0].as_py()
+        if np.array_equal(seq.to_numpy(), np.arange(first, first + n, dtype=np.uint64)):
+            meta[META_SEQ_LO] = str(first).encode()
+        else:
+            fields.append(EVENTS.field("seq"))
+            arrays.append(seq)
+    else:  # not storable anyway: keep it as it is, for the receiver to reject
+        return batch
+    for f, col in zip(EVENTS, batch.columns, strict=True):
+        if f.name in ("src", "seq") or col.null_count == n:
+            continue
+        if f.name in _DICT_COLUMNS:
+            col = pc.dictionary_encode(col)
+            if len(col.dictionary) <= 127:
+                col = pa.DictionaryArray.from_arrays(col.indices.cast(pa.int8()), col.dictionary)
+            f = pa.field(f.name, col.type, nullable=f.nullable)
+        fields.append(f)
+        arrays.append(col)
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
+
+
+def wire_batch(columns: dict[str, pa.Array], n: int, *, src: int, seq_lo: int) -> pa.RecordBatch:
+    """A batch in the compact wire form from its columns (by name, any order; absent ones are all null).
+
+    Rows have the event ids (src, seq_lo), (src, seq_lo + 1), ...
+    """
+    meta = dict(EVENTS.metadata)
+    meta[META_WIRE] = WIRE_COMPACT
+    meta[META_SRC] = str(src).encode()
+    meta[META_SEQ_LO] = str(seq_lo).encode()
+    fields, arrays = [], []
+    for f in EVENTS:
+        col = columns.get(f.name)
+        if col is not None and f.name not in ("src", "seq"):
+            fields.append(pa.field(f.name, col.type, f.nullable))
+            arrays.append(col)
+    if not arrays:
+        raise BatchError("a batch needs at least one column besides its ids")
+    if any(len(a) != n for a in arrays):
+        raise BatchError("columns of unequal length")
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
+
+
+def slice_batch(batch: pa.RecordBatch, offset: int, length: int) -> pa.RecordBatch:
+    """batch.slice(), keeping a wire-form batch's ids right (its first seq moves with the offset)."""
+    part = batch.slice(offset, length)
+    meta = batch.schema.metadata or {}
+    if offset and meta.get(META_WIRE) == WIRE_COMPACT and META_SEQ_LO in meta:
+        part = part.replace_schema_metadata({**meta, META_SEQ_LO: str(int(meta[META_SEQ_LO]) + offset).encode()})
+    return part
+
+
+def is_wire(batch: pa.RecordBatch) -> bool:
+    return (batch.schema.metadata or {}).get(META_WIRE) == WIRE_COMPACT
+
+
+def from_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The store's form of a batch in wire form (a batch already in that form is returned unchanged)."""
+    meta = batch.schema.metadata or {}
+    if meta.get(META_WIRE) != WIRE_COMPACT:
+        return batch
+    if meta.get(META_TABLE) != b"events":
+        raise BatchError("only events batches travel in the compact wire form")
+    unknown = [name for name in batch.schema.names if name not in _EVENT_TYPES]
+    if unknown or len(set(batch.schema.names)) != len(batch.schema.names):
+        raise BatchError(f"unknown or repeated columns in a compact events batch: {unknown or batch.schema.names}")
+    n = batch.num_rows
+    arrays = []
+    try:
+        for f in EVENTS:
+            if f.name in batch.schema.names:
+                col = batch.column(f.name)
+                if pa.types.is_dictionary(col.type):
+                    col = col.dictionary_decode()
+                arrays.append(col)
+            elif f.name == "src" and META_SRC in meta:
+                arrays.append(pa.array(np.full(n, int(meta[META_SRC]), dtype=np.uint64)))
+            elif f.name == "seq" and META_SEQ_LO in meta:
+                lo = int(meta[META_SEQ_LO])
+                arrays.append(pa.array(np.arange(lo, lo + n, dtype=np.uint64)))
+            else:
+                arrays.append(pa.nulls(n, f.type))
+        # The store's form carries the table and version only; table_of checks the columns.
+        keep = {k: v for k, v in meta.items() if k in (META_TABLE, META_VERSION)}
+        return pa.RecordBatch.from_arrays(
+            arrays,
+            schema=pa.schema(
+                [pa.field(f.name, a.type, f.nullable) for f, a in zip(EVENTS, arrays, strict=True)], metadata=keep
+            ),
+        )
+    except (ValueError, OverflowError, pa.ArrowException) as exc:
+        raise BatchError(f"malformed compact events batch: {exc}") from exc
 
 
 def to_ipc(batch: pa.RecordBatch) -> bytes:
-    """Serialise one record batch as a zstd-compressed Arrow IPC stream (the wire and spool format)."""
+    """Serialise one record batch, in its wire form, as a zstd-compressed Arrow IPC stream (wire and spool format)."""
+    try:
+        batch = to_wire(batch)
+    except (pa.ArrowException, ValueError, TypeError):  # pragma: no cover - ship it uncompacted instead
+        pass
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema, options=_IPC_OPTIONS) as writer:
         writer.write_batch(batch)
@@ -173,11 +305,13 @@ def to_ipc(batch: pa.RecordBatch) -> bytes:
 
 
 def from_ipc(data: bytes) -> list[pa.RecordBatch]:
-    """Parse an Arrow IPC stream; raises BatchError on anything malformed."""
+    """Parse an Arrow IPC stream into batches in the store's form; raises BatchError on anything malformed."""
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data))
-        batches = list(reader)
+        batches = [from_wire(b) for b in reader]
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError) as exc:
+        if isinstance(exc, BatchError):
+            raise
         raise BatchError(f"not an Arrow IPC stream: {exc}") from exc
     for b in batches:
         table_of(b)

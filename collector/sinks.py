@@ -82,7 +82,8 @@ class KafkaSink:
         base = {
             "bootstrap.servers": servers,
             "client.id": "keytrace-sink",
-            "compression.type": "zstd",
+            # Each message is an Arrow IPC stream compressed with zstd already.
+            "compression.type": "none",
             "linger.ms": 20,
             "acks": "all",
             # Fail a batch within seconds so that it reaches the spool instead of

@@ -224,14 +224,19 @@ class Tracer:
 
         first = next(self._seq)
         batch = native.drain(
-            self.src, first_seq=first, client_id=self.client_id, group_id=self.group_id, member_id=self.member_id
+            self.src,
+            first_seq=first,
+            client_id=self.client_id,
+            group_id=self.group_id,
+            member_id=self.member_id,
+            wire=True,
         )
         n = batch.num_rows if batch is not None else 0
         self._seq = itertools.count(first + n)
         if batch is None:
             return []
         self.events_recorded += n
-        return [batch.slice(i, MAX_BATCH_ROWS) for i in range(0, n, MAX_BATCH_ROWS)]
+        return [schema.slice_batch(batch, i, MAX_BATCH_ROWS) for i in range(0, n, MAX_BATCH_ROWS)]
 
     def _seqs(self, n: int) -> pa.Array:
         first = next(self._seq)
@@ -541,7 +546,7 @@ class Shipper:
         step = max(1, -(-batch.num_rows // pieces))
         out: list[bytes] = []
         for i in range(0, batch.num_rows, step):
-            out.extend(self._encode(batch.slice(i, step)))
+            out.extend(self._encode(schema.slice_batch(batch, i, step)))
         return out
 
     def _to_spool(self, payload: bytes, tracer: Tracer | None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import importlib.util
 import os
 import threading
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import pyarrow as pa
 from collector import schema
 from collector.native import build
 
-_ABI = 1
+_ABI = 2
 _MIN_LIBRDKAFKA = 0x02000000
 SOURCE_PROPERTY = "keytrace.src"
 MAX_RECORDS_PROPERTY = "keytrace.max.records"
@@ -92,6 +93,8 @@ class _Columns(ctypes.Structure):
         ("live", ctypes.c_int64),
         ("null_count", ctypes.c_int64 * _NCOLS),
         ("buf", (_Span * 3) * _NCOLS),
+        ("ntopics", ctypes.c_uint64),
+        ("topic_offsets", _Span),
     ]
 
 
@@ -209,6 +212,52 @@ def _load() -> _Plugin:
     return _Plugin(lib, str(path), rdk_path)
 
 
+_ext_lock = threading.Lock()
+_ext: Any = None
+
+
+def produce_descriptor() -> Any:
+    """The `Produce` type of the `_kt_produce` extension (built on first use), or None.
+
+    None when it cannot be built here (no Python headers, no compiler) or loaded; the
+    reason is in ``produce_descriptor_reason()``. TracedProducer then keeps its Python
+    ``produce`` method, which does the same work with one Python frame more per call.
+    """
+    global _ext
+    if _ext is None:
+        with _ext_lock:
+            if _ext is None:
+                _ext = _load_extension()
+    return None if isinstance(_ext, str) else _ext.Produce
+
+
+def produce_descriptor_reason() -> str | None:
+    produce_descriptor()
+    return _ext if isinstance(_ext, str) else None
+
+
+def _load_extension() -> Any:
+    if os.environ.get("KEYTRACE_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+        return "disabled by KEYTRACE_NATIVE"
+    try:
+        try:
+            path = build.build_extension()
+        except build.BuildError:
+            path = build.build_extension(Path(os.environ.get("TMPDIR", "/tmp")) / f"keytrace-native-{os.getuid()}")
+    except build.BuildError as exc:
+        return str(exc)
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(build.EXT_NAME, str(path))
+        spec = importlib.util.spec_from_file_location(build.EXT_NAME, str(path), loader=loader)
+        if spec is None:
+            return f"cannot load {path}"
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+    except (ImportError, OSError) as exc:
+        return f"cannot load {path}: {exc}"
+
+
 def available() -> bool:
     """Whether the native plugin can be used in this process (see ``unavailable_reason``)."""
     return unavailable_reason() is None
@@ -281,6 +330,12 @@ class _Block:
         self.free(self.address, self.size)
 
 
+# kt_drain_columns writes kind as an int8 code into this list (the plugin's enum).
+_KINDS = pa.array([schema.SEND, schema.ACK, schema.ERROR, schema.CONSUME], pa.string())
+# Physical types of the columns that the plugin writes as dictionary indices.
+_INDEX_TYPES = {"kind": pa.int8(), "topic": pa.int16()}
+
+
 def drain(
     src: int,
     *,
@@ -288,12 +343,15 @@ def drain(
     client_id: str | None = None,
     group_id: str | None = None,
     member_id: str | None = None,
+    wire: bool = False,
 ) -> pa.RecordBatch | None:
     """Everything recorded for ``src`` since the last drain, as one EVENTS batch (None if nothing).
 
     Rows get ``seq`` values ``first_seq, first_seq + 1, ...``; the caller advances its own
     counter by ``num_rows``. ``client_id``, ``group_id`` and ``member_id`` fill every row.
     The conversion runs in C without the GIL; the batch's buffers are its own (no copy).
+    With ``wire=True`` the batch is in the compact wire form (``schema.to_wire``) that
+    ``schema.to_ipc`` ships as it is; otherwise it is in the store's form.
     """
     lib = _plugin().lib
     out = _Columns()
@@ -303,16 +361,39 @@ def drain(
         return None
     n = out.n
     block = pa.foreign_buffer(out.block, out.block_len, base=_Block(out.block, out.block_len, lib.kt_free))
+    topics = pa.Array.from_buffers(
+        pa.string(),
+        out.ntopics,
+        [
+            None,
+            block.slice(out.topic_offsets.off, out.topic_offsets.len),
+            block.slice(out.buf[3][2].off, out.buf[3][2].len),
+        ],
+    )
     columns: dict[str, pa.Array] = {}
     for c, name in enumerate(_NATIVE_COLUMNS):
-        typ = schema.EVENTS.field(name).type
         spans = out.buf[c]
         nulls = out.null_count[c]
+        if wire and (nulls == n or name == "seq"):
+            continue
         validity = block.slice(spans[0].off, spans[0].len) if nulls else None
         buffers = [validity, block.slice(spans[1].off, spans[1].len)]
+        if name in _INDEX_TYPES:
+            indices = pa.Array.from_buffers(_INDEX_TYPES[name], n, buffers, null_count=nulls)
+            arr = pa.DictionaryArray.from_arrays(indices, _KINDS if name == "kind" else topics)
+            columns[name] = arr if wire else arr.dictionary_decode()
+            continue
+        typ = schema.EVENTS.field(name).type
         if pa.types.is_string(typ) or pa.types.is_binary(typ):
             buffers.append(block.slice(spans[2].off, spans[2].len))
         columns[name] = pa.Array.from_buffers(typ, n, buffers, null_count=nulls)
+    if wire:
+        for name, value in (("client_id", client_id), ("group_id", group_id), ("member_id", member_id)):
+            if value is not None:
+                columns[name] = pa.DictionaryArray.from_arrays(
+                    pa.Array.from_buffers(pa.int8(), n, [None, pa.py_buffer(bytes(n))]), pa.array([value])
+                )
+        return schema.wire_batch(columns, n, src=src, seq_lo=first_seq)
     columns["src"] = pa.Array.from_buffers(pa.uint64(), n, [None, pa.py_buffer(src.to_bytes(8, "little") * n)])
     columns["client_id"] = _constant(client_id, n)
     columns["group_id"] = _constant(group_id, n)

@@ -1,9 +1,13 @@
-"""Compile the interceptor plugin (kt_interceptor.c) into a shared object, once per source version.
+"""Compile keytrace's two native parts, once per source version, into a cache directory.
 
-The plugin needs only a C compiler and libc headers (no librdkafka headers, no
-Python headers), so it is built on first use into a cache directory and reused.
-``python -m collector.native.build [DIR]`` builds it ahead of time (for example
-in a Dockerfile layer) and prints its path.
+* ``kt_interceptor.c``: the librdkafka interceptor plugin. It needs only a C
+  compiler and libc headers (no librdkafka headers, no Python headers).
+* ``kt_produce.c``: the ``_kt_produce`` extension module, ``TracedProducer.produce``
+  as a C method descriptor. It also needs Python's headers (``Python.h``); without
+  them the Python method is used instead.
+
+``python -m collector.native.build [DIR]`` builds both ahead of time (for example in
+a Dockerfile layer) and prints their paths.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kt_interceptor.c")
 CFLAGS = ["-O2", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden", "-Wall"]
+EXT_SOURCE = Path(__file__).with_name("kt_produce.c")
+EXT_NAME = "_kt_produce"
 
 
 class BuildError(RuntimeError):
@@ -46,12 +53,35 @@ def artifact_name() -> str:
     return f"kt_interceptor-{platform.machine()}-{digest}.so"
 
 
+def ext_flags() -> list[str]:
+    include = sysconfig.get_paths().get("include") or ""
+    return [*CFLAGS, f"-I{include}"]
+
+
+def ext_artifact_name() -> str:
+    soabi = sysconfig.get_config_var("SOABI") or f"py{sys.version_info[0]}{sys.version_info[1]}"
+    digest = hashlib.sha256(EXT_SOURCE.read_bytes() + " ".join(ext_flags()).encode()).hexdigest()[:16]
+    return f"{EXT_NAME}-{soabi}-{digest}.so"
+
+
 def build(directory: Path | None = None) -> Path:
     """Return the path of the built plugin, compiling it if this source version was never built there."""
+    return _build(SOURCE, CFLAGS, artifact_name(), "kt_interceptor-*.so", directory)
+
+
+def build_extension(directory: Path | None = None) -> Path:
+    """Return the path of the built `_kt_produce` extension module, compiling it if needed."""
+    include = Path(sysconfig.get_paths().get("include") or "")
+    if not (include / "Python.h").is_file():
+        raise BuildError(f"Python's headers are missing ({include}/Python.h; on Debian: apt-get install python3-dev)")
+    return _build(EXT_SOURCE, ext_flags(), ext_artifact_name(), f"{EXT_NAME}-*.so", directory)
+
+
+def _build(source: Path, flags: list[str], name: str, stale_glob: str, directory: Path | None) -> Path:
     if not sys.platform.startswith("linux"):
-        raise BuildError(f"the native plugin is built for Linux only (this is {sys.platform})")
+        raise BuildError(f"the native parts are built for Linux only (this is {sys.platform})")
     directory = Path(directory) if directory is not None else cache_dir()
-    target = directory / artifact_name()
+    target = directory / name
     if target.is_file():
         return target
     cc = compiler()
@@ -62,20 +92,20 @@ def build(directory: Path | None = None) -> Path:
     except OSError as exc:
         raise BuildError(f"cannot create {directory}: {exc}") from exc
     # Build under a temporary name and rename: concurrent processes never load a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=".kt_interceptor-", suffix=".so", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=directory)
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120, check=False
+            [cc, *flags, "-o", tmp, str(source)], capture_output=True, text=True, timeout=120, check=False
         )
         if proc.returncode != 0:
             raise BuildError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
-        for stale in directory.glob("kt_interceptor-*.so"):
+        for stale in directory.glob(stale_glob):
             if stale != target:
                 stale.unlink(missing_ok=True)  # a process still using it keeps its mapping
     except (OSError, subprocess.SubprocessError) as exc:
-        raise BuildError(f"building the plugin with {cc} failed: {exc}") from exc
+        raise BuildError(f"building {source.name} with {cc} failed: {exc}") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -83,4 +113,9 @@ def build(directory: Path | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else None))
+    where = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    print(build(where))
+    try:
+        print(build_extension(where))
+    except BuildError as exc:  # optional: TracedProducer.produce then stays a Python method
+        print(f"{EXT_NAME} not built: {exc}", file=sys.stderr)

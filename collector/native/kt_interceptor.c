@@ -12,6 +12,7 @@
  * hands over the addresses of the few functions used (kt_bind) before any
  * client is created. The types below mirror rdkafka.h (stable public ABI).
  */
+#define _GNU_SOURCE /* PTHREAD_MUTEX_ADAPTIVE_NP */
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -22,7 +23,7 @@
 #include <string.h>
 #include <time.h>
 
-#define KT_ABI 1
+#define KT_ABI 2
 #define KT_EXPORT __attribute__((visibility("default")))
 
 typedef struct rd_kafka_s rd_kafka_t;
@@ -102,23 +103,35 @@ typedef struct {
     uint32_t touched_arena;
 } kt_buf;
 
-typedef struct kt_inst {
-    struct kt_inst *next;
-    uint64_t src;
+/*
+ * A lane is a pair of buffers (one filled, one being drained) under one lock.
+ * Sends are appended by the application's thread, acknowledgements by librdkafka's
+ * broker threads: giving each its own lane keeps them from contending for a lock.
+ */
+typedef struct {
     pthread_mutex_t mu;
     kt_buf bufs[2];
     int active;
-    uint32_t max_records;
-    uint32_t max_arena;
     uint64_t recorded;
     uint64_t dropped;
+    const rd_kafka_topic_t *last_rkt; /* topic_index's cache */
+    int last_topic;
+} kt_lane;
+
+enum { LANE_SEND = 0, LANE_REPORT = 1, KT_LANES = 2 };
+
+typedef struct kt_inst {
+    struct kt_inst *next;
+    uint64_t src;
+    kt_lane lanes[KT_LANES];
+    uint32_t max_records; /* per lane buffer */
+    uint32_t max_arena;
     int live;      /* client handles still using this instance */
     int forgotten; /* Python is done with it: free when live drops to 0 */
-    /* Topic names, append-only: a drain reads the first ntopics without the lock. */
+    /* Topic names, append-only (under topics_mu): readers scan the first ntopics without a lock. */
+    pthread_mutex_t topics_mu;
     char *topics[KT_MAX_TOPICS];
     volatile int ntopics;
-    const rd_kafka_topic_t *last_rkt;
-    int last_topic;
 } kt_inst;
 
 typedef struct {
@@ -141,25 +154,40 @@ static int64_t now_us(void) {
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* Called with in->mu held. */
-static int topic_index(kt_inst *in, const rd_kafka_topic_t *rkt) {
+static int topic_find(kt_inst *in, const char *name, int from, int n) {
+    int i;
+    for (i = from; i < n; i++)
+        if (!strcmp(in->topics[i], name))
+            return i;
+    return -1;
+}
+
+/* Called with the lane's lock held. */
+static int topic_index(kt_inst *in, kt_lane *lane, const rd_kafka_topic_t *rkt) {
     const char *name = rkt ? api.topic_name(rkt) : NULL;
-    int i, n = in->ntopics;
+    int i, n = __atomic_load_n(&in->ntopics, __ATOMIC_ACQUIRE);
     if (!name)
         return -1;
     /* A freed topic handle's address can be reused for another topic, so the cache checks the name too. */
-    if (rkt == in->last_rkt && !strcmp(in->topics[in->last_topic], name))
-        return in->last_topic;
-    for (i = 0; i < n; i++)
-        if (!strcmp(in->topics[i], name))
-            break;
-    if (i == n) {
-        if (n >= KT_MAX_TOPICS || !(in->topics[n] = strdup(name)))
+    if (rkt == lane->last_rkt && !strcmp(in->topics[lane->last_topic], name))
+        return lane->last_topic;
+    i = topic_find(in, name, 0, n);
+    if (i < 0) {
+        pthread_mutex_lock(&in->topics_mu);
+        i = topic_find(in, name, n, in->ntopics); /* the other lane may have just added it */
+        if (i < 0) {
+            n = in->ntopics;
+            if (n < KT_MAX_TOPICS && (in->topics[n] = strdup(name))) {
+                i = n;
+                __atomic_store_n(&in->ntopics, n + 1, __ATOMIC_RELEASE);
+            }
+        }
+        pthread_mutex_unlock(&in->topics_mu);
+        if (i < 0)
             return -1;
-        __atomic_store_n(&in->ntopics, n + 1, __ATOMIC_RELEASE);
     }
-    in->last_rkt = rkt;
-    in->last_topic = i;
+    lane->last_rkt = rkt;
+    lane->last_topic = i;
     return i;
 }
 
@@ -168,6 +196,7 @@ static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
     int64_t latency = -1, msg_ts = -1;
     int32_t key_len = m->key ? (int32_t)(m->key_len > KT_MAX_KEY ? KT_MAX_KEY : m->key_len) : -1;
     int tstype = 0;
+    kt_lane *lane = &in->lanes[kind == KT_SEND ? LANE_SEND : LANE_REPORT];
     kt_buf *b;
     kt_rec *r;
 
@@ -175,11 +204,11 @@ static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
         latency = api.message_latency(m);
     msg_ts = api.message_timestamp(m, &tstype);
 
-    pthread_mutex_lock(&in->mu);
-    b = &in->bufs[in->active];
+    pthread_mutex_lock(&lane->mu);
+    b = &lane->bufs[lane->active];
     if (b->n >= in->max_records || (key_len > 0 && (uint64_t)b->arena_len + (uint32_t)key_len > in->max_arena)) {
-        in->dropped++;
-        pthread_mutex_unlock(&in->mu);
+        lane->dropped++;
+        pthread_mutex_unlock(&lane->mu);
         return;
     }
     r = &b->recs[b->n++];
@@ -192,15 +221,15 @@ static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
     r->partition = m->partition;
     r->err = m->err;
     r->value_len = m->payload ? (int32_t)(m->len > INT32_MAX ? INT32_MAX : m->len) : -1;
-    r->topic = (int16_t)topic_index(in, m->rkt);
+    r->topic = (int16_t)topic_index(in, lane, m->rkt);
     r->kind = (uint8_t)kind;
     r->pad = 0;
     if (key_len > 0) {
         memcpy(b->arena + b->arena_len, m->key, (size_t)key_len);
         b->arena_len += (uint32_t)key_len;
     }
-    in->recorded++;
-    pthread_mutex_unlock(&in->mu);
+    lane->recorded++;
+    pthread_mutex_unlock(&lane->mu);
 }
 
 static rd_kafka_resp_err_t on_send(rd_kafka_t *rk, rd_kafka_message_t *m, void *opaque) {
@@ -247,14 +276,17 @@ static void prefault(kt_buf *b, uint64_t recs, uint64_t arena, const kt_inst *in
 }
 
 static void inst_free(kt_inst *in) {
-    int i;
-    for (i = 0; i < 2; i++) {
-        free(in->bufs[i].recs);
-        free(in->bufs[i].arena);
+    int i, l;
+    for (l = 0; l < KT_LANES; l++) {
+        for (i = 0; i < 2; i++) {
+            free(in->lanes[l].bufs[i].recs);
+            free(in->lanes[l].bufs[i].arena);
+        }
+        pthread_mutex_destroy(&in->lanes[l].mu);
     }
     for (i = 0; i < in->ntopics; i++)
         free(in->topics[i]);
-    pthread_mutex_destroy(&in->mu);
+    pthread_mutex_destroy(&in->topics_mu);
     free(in);
 }
 
@@ -278,7 +310,7 @@ static void inst_unlink(kt_inst *in) {
 
 static kt_inst *inst_acquire(const kt_conf *kc) {
     kt_inst *in;
-    int i;
+    int i, l;
     pthread_mutex_lock(&registry_mu);
     in = inst_find(kc->src);
     if (in) {
@@ -293,18 +325,30 @@ static kt_inst *inst_acquire(const kt_conf *kc) {
     in->src = kc->src;
     in->max_records = kc->max_records;
     in->max_arena = kc->max_arena;
-    pthread_mutex_init(&in->mu, NULL);
-    in->last_topic = -1;
-    /* Untouched pages of these allocations are never made resident. */
-    for (i = 0; i < 2; i++) {
-        in->bufs[i].recs = malloc((size_t)in->max_records * sizeof(kt_rec));
-        in->bufs[i].arena = malloc(in->max_arena ? in->max_arena : 1);
-        if (!in->bufs[i].recs || !in->bufs[i].arena) {
-            inst_free(in);
-            goto fail;
-        }
-        prefault(&in->bufs[i], KT_PREFAULT_RECORDS, KT_PREFAULT_ARENA, in);
+    pthread_mutex_init(&in->topics_mu, NULL);
+    for (l = 0; l < KT_LANES; l++) {
+        kt_lane *lane = &in->lanes[l];
+        /* Appends hold the lock for a few dozen ns: spin briefly before sleeping, since a
+           futex round trip on a contended append would cost more than the append. */
+        pthread_mutexattr_t attr;
+        pthread_mutexattr_init(&attr);
+        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
+        pthread_mutex_init(&lane->mu, &attr);
+        pthread_mutexattr_destroy(&attr);
+        lane->last_topic = -1;
     }
+    /* Untouched pages of these allocations are never made resident. */
+    for (l = 0; l < KT_LANES; l++)
+        for (i = 0; i < 2; i++) {
+            kt_buf *b = &in->lanes[l].bufs[i];
+            b->recs = malloc((size_t)in->max_records * sizeof(kt_rec));
+            b->arena = malloc(in->max_arena ? in->max_arena : 1);
+            if (!b->recs || !b->arena) {
+                inst_free(in);
+                goto fail;
+            }
+            prefault(b, KT_PREFAULT_RECORDS, KT_PREFAULT_ARENA, in);
+        }
     in->live = 1;
     in->next = registry;
     registry = in;
@@ -474,10 +518,12 @@ typedef struct {
     int64_t live;
     int64_t null_count[KT_NCOLS];
     kt_span buf[KT_NCOLS][3]; /* validity bitmap, values (or int32 offsets), string data */
+    /* kind is an int8 code into kind_names; topic an int16 index into the client's topic
+       names, which follow: ntopics + 1 int32 offsets, then the characters (buf[C_TOPIC][2]). */
+    uint64_t ntopics;
+    kt_span topic_offsets;
 } kt_columns;
 
-static const char *const kind_names[] = {"send", "ack", "error", "consume"};
-static const uint32_t kind_lens[] = {4, 3, 5, 7};
 
 #define MSG_TS_PLAUSIBLE(ms) ((ms) > 100000000000LL) /* 0, -1 or a fixed mock time are not wall-clock times */
 
@@ -523,8 +569,9 @@ static uint64_t popcount(const uint8_t *bits, uint64_t n) {
 
 static void set_bit(uint8_t *bits, uint64_t i) { bits[i >> 3] |= (uint8_t)(1u << (i & 7)); }
 
-/* Swap out src's buffer under its lock; the drained records stay ours until the next drain. */
+/* Swap out src's buffers under their locks; the drained records stay ours until the next drain. */
 static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *ntopics) {
+    int l;
     kt_inst *in;
     pthread_mutex_lock(&registry_mu);
     in = inst_find(src);
@@ -532,16 +579,20 @@ static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *n
     if (in && in->forgotten)
         in = NULL;
     if (in) {
-        pthread_mutex_lock(&in->mu);
-        *drained = &in->bufs[in->active];
-        in->active ^= 1;
-        in->bufs[in->active].n = 0;
-        in->bufs[in->active].arena_len = 0;
-        out->recorded = in->recorded;
-        out->dropped = in->dropped;
+        for (l = 0; l < KT_LANES; l++) {
+            kt_lane *lane = &in->lanes[l];
+            pthread_mutex_lock(&lane->mu);
+            drained[l] = &lane->bufs[lane->active];
+            lane->active ^= 1;
+            lane->bufs[lane->active].n = 0;
+            lane->bufs[lane->active].arena_len = 0;
+            out->recorded += lane->recorded;
+            out->dropped += lane->dropped;
+            pthread_mutex_unlock(&lane->mu);
+        }
         out->live = in->live;
-        *ntopics = in->ntopics;
-        pthread_mutex_unlock(&in->mu);
+        /* After the swaps: every drained record's topic index is below this. */
+        *ntopics = __atomic_load_n(&in->ntopics, __ATOMIC_ACQUIRE);
     }
     pthread_mutex_unlock(&registry_mu);
     return in;
@@ -554,37 +605,40 @@ static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *n
  * then counted as dropped), 0 otherwise (out->n may be 0).
  */
 KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out) {
-    static const int widths[KT_NCOLS] = {8, 8, 4, 4, 4, 8, 4, 4, 2, 8, 8, 4, 4, 0, 4};
-    static const int has_data[KT_NCOLS] = {[C_KIND] = 1, [C_TOPIC] = 1, [C_KEY] = 1, [C_ERR_NAME] = 1, [C_ERR_MESSAGE] = 1};
+    static const int widths[KT_NCOLS] = {8, 8, 1, 2, 4, 8, 4, 4, 2, 8, 8, 4, 4, 0, 4};
+    static const int has_data[KT_NCOLS] = {[C_KEY] = 1, [C_ERR_NAME] = 1, [C_ERR_MESSAGE] = 1};
     kt_inst *in;
-    kt_buf *b = NULL;
-    int ntopics = 0, c;
+    kt_buf *bs[KT_LANES] = {NULL};
+    int ntopics = 0, c, l;
     uint64_t n, i, pos = 0, data_len[KT_NCOLS] = {0};
     uint32_t tlen[KT_MAX_TOPICS];
     uint8_t *blk;
 
     memset(out, 0, sizeof(*out));
-    in = swap_out(src, &b, out, &ntopics);
+    in = swap_out(src, bs, out, &ntopics);
     if (!in)
         return -1;
-    n = b->n;
+    n = 0;
+    for (l = 0; l < KT_LANES; l++)
+        n += bs[l]->n;
     out->n = n;
     if (!n)
         return 0;
 
-    for (c = 0; c < ntopics; c++)
+    for (c = 0; c < ntopics; c++) {
         tlen[c] = (uint32_t)strlen(in->topics[c]);
-    for (i = 0; i < n; i++) {
-        const kt_rec *r = &b->recs[i];
-        data_len[C_KIND] += kind_lens[r->kind];
-        if (r->topic >= 0)
-            data_len[C_TOPIC] += tlen[r->topic];
-        if (r->kind == KT_ERROR) {
-            data_len[C_ERR_NAME] += strlen(api.err2name(r->err));
-            data_len[C_ERR_MESSAGE] += strlen(api.err2str(r->err));
-        }
+        data_len[C_TOPIC] += tlen[c];
     }
-    data_len[C_KEY] = b->arena_len;
+    for (l = 0; l < KT_LANES; l++) {
+        for (i = 0; i < bs[l]->n; i++) {
+            const kt_rec *r = &bs[l]->recs[i];
+            if (r->kind == KT_ERROR) {
+                data_len[C_ERR_NAME] += strlen(api.err2name(r->err));
+                data_len[C_ERR_MESSAGE] += strlen(api.err2str(r->err));
+            }
+        }
+        data_len[C_KEY] += bs[l]->arena_len;
+    }
 
     /* Layout: every buffer 64-byte aligned, as Arrow recommends. */
 #define PLACE(col, j, size)                           \
@@ -599,13 +653,19 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
         if (has_data[c])
             PLACE(c, 2, data_len[c]);
     }
+    PLACE(C_TOPIC, 2, data_len[C_TOPIC]);
+    out->topic_offsets.off = pos;
+    out->topic_offsets.len = 4 * ((uint64_t)ntopics + 1);
+    pos += (out->topic_offsets.len + 63) & ~(uint64_t)63;
+    out->ntopics = (uint64_t)ntopics;
 #undef PLACE
     blk = block_alloc(pos, &out->block_len);
     if (!blk) {
-        pthread_mutex_lock(&in->mu);
-        in->dropped += n;
-        out->dropped = in->dropped;
-        pthread_mutex_unlock(&in->mu);
+        kt_lane *lane = &in->lanes[LANE_REPORT];
+        pthread_mutex_lock(&lane->mu);
+        lane->dropped += n;
+        pthread_mutex_unlock(&lane->mu);
+        out->dropped += n;
         out->n = 0;
         return -2;
     }
@@ -623,16 +683,32 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
         uint64_t *seq = COL(C_SEQ, uint64_t);
         int64_t *ts = COL(C_TS, int64_t), *offset = COL(C_OFFSET, int64_t), *latency = COL(C_LATENCY, int64_t);
         int64_t *msg_ts = COL(C_MSG_TS, int64_t);
-        int32_t *kind_o = COL(C_KIND, int32_t), *topic_o = COL(C_TOPIC, int32_t), *key_o = COL(C_KEY, int32_t);
+        int8_t *kind = COL(C_KIND, int8_t);
+        int16_t *topic = COL(C_TOPIC, int16_t);
+        int32_t *key_o = COL(C_KEY, int32_t), *topic_o = (int32_t *)(blk + out->topic_offsets.off);
         int32_t *name_o = COL(C_ERR_NAME, int32_t), *msg_o = COL(C_ERR_MESSAGE, int32_t);
         int32_t *partition = COL(C_PARTITION, int32_t), *value_size = COL(C_VALUE_SIZE, int32_t);
         int32_t *err_code = COL(C_ERR_CODE, int32_t);
         int16_t *attempt = COL(C_ATTEMPT, int16_t);
-        int32_t ko = 0, to = 0, no = 0, mo = 0;
+        int32_t to = 0, no = 0, mo = 0;
+        uint32_t key_base = 0, j;
 
-        memcpy(DATA(C_KEY), b->arena, b->arena_len);
-        for (i = 0; i < n; i++) {
-            const kt_rec *r = &b->recs[i];
+        /* Keys: the lanes' arenas one after the other; a record's key_off is relative to its own. */
+        for (l = 0; l < KT_LANES; l++) {
+            memcpy(DATA(C_KEY) + key_base, bs[l]->arena, bs[l]->arena_len);
+            key_base += bs[l]->arena_len;
+        }
+        key_base = 0;
+        for (c = 0; c < ntopics; c++) {
+            topic_o[c] = to;
+            memcpy(DATA(C_TOPIC) + to, in->topics[c], tlen[c]);
+            to += (int32_t)tlen[c];
+        }
+        topic_o[ntopics] = to;
+        /* Rows lane by lane (sends, then reports): columns get long uniform runs, which compress well. */
+        for (i = 0, l = 0; l < KT_LANES; key_base += bs[l]->arena_len, l++)
+        for (j = 0; j < bs[l]->n; j++, i++) {
+            const kt_rec *r = &bs[l]->recs[j];
             const char *s;
             size_t len;
             int is_err = r->kind == KT_ERROR;
@@ -640,18 +716,14 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
             seq[i] = first_seq + i;
             ts[i] = r->ts_us;
 
-            kind_o[i] = ko;
-            memcpy(DATA(C_KIND) + ko, kind_names[r->kind], kind_lens[r->kind]);
-            ko += (int32_t)kind_lens[r->kind];
-
-            topic_o[i] = to;
-            if (r->topic >= 0) {
-                memcpy(DATA(C_TOPIC) + to, in->topics[r->topic], tlen[r->topic]);
-                to += (int32_t)tlen[r->topic];
+            kind[i] = (int8_t)r->kind;
+            topic[i] = 0;
+            if (r->topic >= 0 && r->topic < ntopics) {
+                topic[i] = r->topic;
                 set_bit(BITS(C_TOPIC), i);
             }
 
-            key_o[i] = (int32_t)r->key_off;
+            key_o[i] = (int32_t)(key_base + r->key_off);
             if (r->key_len >= 0)
                 set_bit(BITS(C_KEY), i);
 
@@ -700,9 +772,7 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
                 set_bit(BITS(C_ERR_RETRIABLE), i), set_bit(BITS(C_ERR_MESSAGE), i);
             }
         }
-        kind_o[n] = ko;
-        topic_o[n] = to;
-        key_o[n] = (int32_t)b->arena_len;
+        key_o[n] = (int32_t)key_base;
         name_o[n] = no;
         msg_o[n] = mo;
         for (c = 0; c < KT_NCOLS; c++)
@@ -711,8 +781,10 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
 #undef BITS
 #undef DATA
     }
-    /* This buffer is ours until the next swap: make room for twice what it just held. */
-    prefault(b, 2 * n + KT_PREFAULT_RECORDS, 2 * (uint64_t)b->arena_len + KT_PREFAULT_ARENA, in);
+    /* These buffers are ours until the next swap: make room for twice what they just held. */
+    for (l = 0; l < KT_LANES; l++)
+        prefault(bs[l], 2 * (uint64_t)bs[l]->n + KT_PREFAULT_RECORDS, 2 * (uint64_t)bs[l]->arena_len + KT_PREFAULT_ARENA,
+                 in);
     return 0;
 }
 
@@ -738,12 +810,16 @@ KT_EXPORT int kt_status(uint64_t src, kt_columns *out) {
     pthread_mutex_lock(&registry_mu);
     in = inst_find(src);
     if (in) {
-        pthread_mutex_lock(&in->mu);
-        out->n = in->bufs[in->active].n;
-        out->recorded = in->recorded;
-        out->dropped = in->dropped;
+        int l;
+        for (l = 0; l < KT_LANES; l++) {
+            kt_lane *lane = &in->lanes[l];
+            pthread_mutex_lock(&lane->mu);
+            out->n += lane->bufs[lane->active].n;
+            out->recorded += lane->recorded;
+            out->dropped += lane->dropped;
+            pthread_mutex_unlock(&lane->mu);
+        }
         out->live = in->live;
-        pthread_mutex_unlock(&in->mu);
     }
     pthread_mutex_unlock(&registry_mu);
     return in ? 0 : -1;

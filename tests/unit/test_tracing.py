@@ -141,6 +141,42 @@ def test_buffer_error_is_recorded_and_reraised(mock_topic: str, spool_sink: tupl
     assert rejects[0]["error_name"] == "_QUEUE_FULL"
 
 
+def test_buffer_error_with_keyword_arguments_and_a_failing_recorder(
+    mock_topic: str, spool_sink: tuple[str, Path], recorder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collector import native
+
+    sink, directory = spool_sink
+    p = TracedProducer({"bootstrap.servers": "127.0.0.1:1", "queue.buffering.max.messages": 2}, sink=sink)
+    if recorder == "native" and native.produce_descriptor() is not None:
+        # The C method descriptor (collector/native/kt_produce.c) is what the application calls.
+        assert type(TracedProducer.__dict__["produce"]).__name__ == "Produce"
+    p.produce(mock_topic, b"v", b"a")
+    p.produce(topic=mock_topic, value=b"v", key=b"b")
+    with pytest.raises(BufferError):
+        p.produce(topic=mock_topic, value=b"vv", key=b"kw-rejected", partition=0)
+    with pytest.raises(BufferError):
+        p.produce(mock_topic, b"v", key=b"mixed-rejected")
+
+    # A failure inside keytrace's own recording must not replace the application's BufferError.
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("recorder bug")
+
+    monkeypatch.setattr(p._kt_tracer, "event", broken)
+    with pytest.raises(BufferError):
+        p.produce(mock_topic, b"v", b"lost-reject")
+    monkeypatch.undo()
+    p.purge()
+    p.poll(0)
+    p._kt_tracer.close()
+    rejects = [e for e in events_of(directory) if e["kind"] == "reject"]
+    assert [(e["key"], e["value_size"], e["partition"]) for e in rejects] == [
+        (b"kw-rejected", 2, 0),
+        (b"mixed-rejected", 1, None),
+    ]
+    assert p.trace_status()["internal_errors"] == 1
+
+
 def test_unreachable_sink_never_blocks_or_raises(mock_cluster: MockCluster, mock_topic: str, tmp_path: Path) -> None:
     spool = tmp_path / "outage-spool"
     delivered = []
