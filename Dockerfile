@@ -3,14 +3,15 @@
 #   docker run -p 8501:8501 keytrace                                   (the demo on the embedded mock cluster)
 #   docker run -p 8501:8501 -v "$PWD:/data" keytrace serve --bootstrap-servers broker:9092 --db /data/trace.duckdb --host 0.0.0.0
 
-# Stage 1: compile the native recorder (a librdkafka interceptor plugin); it needs only gcc and libc headers.
+# Stage 1: compile the native recorder (a librdkafka interceptor plugin, and produce() as a C method;
+# the image's Python headers are enough for the second).
 FROM python:3.11-slim AS native
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY collector/native/kt_interceptor.c collector/native/build.py ./
+COPY collector/native/kt_interceptor.c collector/native/kt_produce.c collector/native/build.py ./
 RUN python build.py /opt/keytrace-native
 
 # Stage 2: the runtime image, without a compiler.

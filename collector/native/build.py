@@ -71,6 +71,9 @@ def build(directory: Path | None = None) -> Path:
 
 def build_extension(directory: Path | None = None) -> Path:
     """Return the path of the built `_kt_produce` extension module, compiling it if needed."""
+    built = (Path(directory) if directory is not None else cache_dir()) / ext_artifact_name()
+    if built.is_file():  # prebuilt (a Docker builder stage, say): no headers needed here
+        return built
     include = Path(sysconfig.get_paths().get("include") or "")
     if not (include / "Python.h").is_file():
         raise BuildError(f"Python's headers are missing ({include}/Python.h; on Debian: apt-get install python3-dev)")

@@ -727,35 +727,47 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
             if (r->key_len >= 0)
                 set_bit(BITS(C_KEY), i);
 
-            partition[i] = r->partition;
+            /* Null slots hold 0: a column's runs of nulls then cost the compressor nothing. */
+            partition[i] = r->partition >= 0 ? r->partition : 0;
             if (r->partition >= 0)
                 set_bit(BITS(C_PARTITION), i);
 
-            offset[i] = r->offset;
-            if ((r->kind == KT_ACK || r->kind == KT_CONSUME) && r->offset >= 0)
+            offset[i] = 0;
+            if ((r->kind == KT_ACK || r->kind == KT_CONSUME) && r->offset >= 0) {
+                offset[i] = r->offset;
                 set_bit(BITS(C_OFFSET), i);
+            }
 
-            value_size[i] = r->value_len;
-            if (r->value_len >= 0)
+            /* The value's size belongs to the send (and a consumption); a report repeats it. */
+            value_size[i] = 0;
+            if (r->value_len >= 0 && (r->kind == KT_SEND || r->kind == KT_CONSUME)) {
+                value_size[i] = r->value_len;
                 set_bit(BITS(C_VALUE_SIZE), i);
+            }
 
-            attempt[i] = 1;
-            if (r->kind == KT_SEND)
+            attempt[i] = 0;
+            if (r->kind == KT_SEND) {
+                attempt[i] = 1;
                 set_bit(BITS(C_ATTEMPT), i);
+            }
 
-            msg_ts[i] = r->msg_ts_ms;
-            if (MSG_TS_PLAUSIBLE(r->msg_ts_ms))
+            /* A send's message timestamp is its own creation time, which ts already holds to the us. */
+            msg_ts[i] = 0;
+            if (r->kind != KT_SEND && MSG_TS_PLAUSIBLE(r->msg_ts_ms)) {
+                msg_ts[i] = r->msg_ts_ms;
                 set_bit(BITS(C_MSG_TS), i);
+            }
 
             /* ack/error: librdkafka's produce-to-report latency; consume: now minus the message timestamp. */
+            latency[i] = 0;
             if (r->kind == KT_CONSUME) {
-                latency[i] = r->ts_us - r->msg_ts_ms * 1000;
-                if (MSG_TS_PLAUSIBLE(r->msg_ts_ms))
+                if (MSG_TS_PLAUSIBLE(r->msg_ts_ms)) {
+                    latency[i] = r->ts_us - r->msg_ts_ms * 1000;
                     set_bit(BITS(C_LATENCY), i);
-            } else {
+                }
+            } else if (r->kind != KT_SEND && r->latency_us >= 0) {
                 latency[i] = r->latency_us;
-                if (r->kind != KT_SEND && r->latency_us >= 0)
-                    set_bit(BITS(C_LATENCY), i);
+                set_bit(BITS(C_LATENCY), i);
             }
 
             err_code[i] = r->err;

@@ -91,7 +91,9 @@ def test_every_send_and_ack_with_odd_keys(mock_cluster: MockCluster, mock_topic:
     assert [e["value_size"] for e in sends] == [7] * 5 + [None]
     assert all(e["topic"] == mock_topic and e["attempt"] == 1 for e in sends)
     assert all(e["offset"] is None and e["latency_us"] is None and e["partition"] is None for e in sends)
-    assert all(e["msg_ts_ms"] > 10**12 for e in sends)
+    # As with the Python recorder: a send's timestamp is ts; its size is not repeated on the ack.
+    assert all(e["msg_ts_ms"] is None for e in sends)
+    assert all(e["value_size"] is None and e["attempt"] is None for e in acks)
 
     assert len(acks) == len(reports) == 6
     by_key = {None if r[1] is None else r[1][:MAX_KEY_BYTES]: r for r in reports}
@@ -349,3 +351,15 @@ def test_plugin_loaded_behind_our_back_fails_clearly() -> None:
     )
     out = _python(code)
     assert out.returncode == 0 and "refused:" in out.stdout and "kt_bind" in out.stdout
+
+
+def test_produce_extension_builds_or_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from collector.native import build
+
+    built = build.build_extension(tmp_path)
+    assert built.is_file() and built.name.startswith("_kt_produce-")
+    assert build.build_extension(tmp_path) == built, "built once per source version"
+    # Without Python's headers it is not built, and the reason says what is missing.
+    monkeypatch.setattr(build.sysconfig, "get_paths", lambda: {"include": str(tmp_path / "no-include")})
+    with pytest.raises(build.BuildError, match="Python.h"):
+        build.build_extension(tmp_path / "elsewhere")
