@@ -44,7 +44,7 @@ class Drainer(threading.Thread):
 
     def drain_once(self) -> None:
         t0 = time.perf_counter()
-        batch = native.drain(self.src, first_seq=self.seq, client_id="bench")
+        batch = native.drain(self.src, first_seq=self.seq, client_id="bench", wire=True)
         if batch is not None:
             self.seq += batch.num_rows
             self.rows += batch.num_rows

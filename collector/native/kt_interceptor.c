@@ -202,7 +202,8 @@ static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
 
     if (kind == KT_ACK || kind == KT_ERROR)
         latency = api.message_latency(m);
-    msg_ts = api.message_timestamp(m, &tstype);
+    if (kind != KT_SEND) /* a send's timestamp is its creation time: ts, to the microsecond */
+        msg_ts = api.message_timestamp(m, &tstype);
 
     pthread_mutex_lock(&lane->mu);
     b = &lane->bufs[lane->active];
