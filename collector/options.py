@@ -36,6 +36,12 @@ class TraceOptions(BaseModel):
     resend_attempts: int = Field(0, ge=0, le=100, description="Total attempts per message; 0 or 1 turns resend off")
     resend_backoff_ms: int = Field(1000, ge=0, le=600_000)
     stats_interval_ms: int = Field(1000, ge=0, description="statistics.interval.ms used when the user set none")
+    shipper_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much nicer than its creator the shipper thread runs (Linux): tracing yields to the application",
+    )
     native: bool | None = Field(
         None, description="Record per-message events in librdkafka (collector/native); None: when available"
     )

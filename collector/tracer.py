@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -493,6 +494,17 @@ class Shipper:
             self.stop(timeout=2.0)
 
     def _run(self) -> None:
+        # Encoding and shipping run at a lower priority than the application's threads,
+        # on the CPU time they leave (the buffers hold what arrives meanwhile). Linux
+        # keeps niceness per thread; elsewhere this would renice the whole process.
+        if self.options.shipper_nice and sys.platform.startswith("linux"):
+            try:
+                tid = threading.get_native_id()  # starts with its creator's niceness
+                os.setpriority(
+                    os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.options.shipper_nice)
+                )
+            except OSError as exc:  # pragma: no cover - lowering one's own priority is always allowed
+                log.debug("keytrace: shipper thread keeps its priority: %s", exc)
         # pyarrow's first Python-object conversion pays a one-time setup; pay it here, idle.
         pa.array([(0, "", b"", 0, None, None)], _SEND_ROW)
         while not self.stopped:

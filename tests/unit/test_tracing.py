@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -317,3 +320,25 @@ def test_statistics_become_typed_rows(mock_cluster: MockCluster, mock_topic: str
     config = json.loads(tables["configs"].to_pylist()[0]["config"])
     assert config["sasl.password"] == "[redacted]"
     assert "hunter2" not in str(tables["configs"].to_pylist())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_shipper_thread_runs_at_lower_priority(mock_topic: str, spool_sink: tuple[str, Path]) -> None:
+    sink, _ = spool_sink
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    p = TracedProducer({"bootstrap.servers": "127.0.0.1:1"}, sink=sink, trace_options={"shipper_nice": 7})
+    try:
+        shipper = p._kt_tracer.shipper
+        deadline = time.monotonic() + 5
+        nice = None
+        while time.monotonic() < deadline:
+            stat = Path(f"/proc/self/task/{shipper._thread.native_id}/stat").read_text()
+            nice = int(stat[stat.rindex(")") + 2 :].split()[16])
+            if nice == min(19, base + 7):
+                break
+            time.sleep(0.01)
+        assert nice == min(19, base + 7), "the shipper thread is reniced"
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base, "the application's thread is not"
+    finally:
+        p.purge()
+        p._kt_tracer.close()
