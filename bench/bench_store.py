@@ -8,6 +8,10 @@ timing out and resent, periodic commits. Batches of 50,000 rows are ingested 10 
 call (what the collector does with one poll of the events topic). In the same run, the
 same batches go into a plain DuckDB table with no key column or order, as the baseline.
 Files live in a temporary directory on disk.
+
+Store.ingest's time includes the merges its policy runs (they happen inside ingest);
+the lookups run on the store as that policy leaves it. `--compact` then merges all
+runs into one and looks up again.
 """
 
 from __future__ import annotations
@@ -234,13 +238,15 @@ def main() -> None:
     ap.add_argument("--lookups", type=int, default=1000)
     ap.add_argument("--prefix-lookups", type=int, default=100)
     ap.add_argument("--baseline-lookups", type=int, default=50)
-    ap.add_argument("--compact", action="store_true", help="then merge all runs into one and look up again")
+    ap.add_argument("--compact", action="store_true", help="then also merge all runs into one and look up again")
     ap.add_argument("--compare-art", action="store_true", help="also ingest into a table with an ART index on key_hash")
     ap.add_argument("--dir", help="where the DuckDB files go (default: a new temporary directory, removed after)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--row-group-size", type=int, default=store_mod.ROW_GROUP_SIZE, help="to compare layouts")
+    ap.add_argument("--fanin", type=int, default=store_mod.FANIN, help="runs per merge, to compare merge policies")
     args = ap.parse_args()
     store_mod.ROW_GROUP_SIZE = args.row_group_size
+    store_mod.FANIN = args.fanin
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="keytrace-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -260,7 +266,27 @@ def run(args: argparse.Namespace, work: Path) -> None:
     art = PlainTable(work / "art.duckdb", art=True) if args.compare_art else None
     store_path = work / "store.duckdb"
     store = Store(store_path)
+    # The merges ingest runs by itself (its policy) are part of Store.ingest's time; also
+    # time them on their own.
+    merge_times: list[tuple[float, int]] = []
+    policy_time = [0.0]
+    plain_merge, plain_auto_merge = store._merge, store._auto_merge
+
+    def timed_merge(run_ids: list[int]) -> None:
+        rows = dict(store.runs())
+        t = time.perf_counter()
+        plain_merge(run_ids)
+        merge_times.append((time.perf_counter() - t, sum(rows[r] for r in run_ids)))
+
+    def timed_auto_merge() -> None:  # the merges and the checkpoint after them
+        t = time.perf_counter()
+        plain_auto_merge()
+        policy_time[0] += time.perf_counter() - t
+
+    store._merge = timed_merge  # type: ignore[method-assign]
+    store._auto_merge = timed_auto_merge  # type: ignore[method-assign]
     t_store = cpu_store = 0.0
+    max_runs = 0
     load_before = os.getloadavg()[0]
     n = calls = 0
     t_start = time.perf_counter()
@@ -274,6 +300,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         t_store += dt_store
         n += rows
         calls += 1
+        max_runs = max(max_runs, len(store.runs()))
     t_ckpt_raw, _ = timed(raw.con.execute, "CHECKPOINT")
     t_ckpt_store, _ = timed(store.cursor().execute, "CHECKPOINT")
     wall = time.perf_counter() - t_start
@@ -290,7 +317,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
     lookup = [timed(store.lifecycle, k)[0] for k in keys]
     sizes = [len(store.lifecycle(k)) for k in keys[:100]]
     cur = store.cursor()
-    key_sql = [timed(lambda k=k: cur.execute(store_mod._KEY_ROWS, {"key": k}).fetchall())[0] for k in keys]
+
+    def key_query(k: bytes) -> list[tuple]:
+        return cur.execute(store_mod._KEY_ROWS, {"key": k}).fetchall()
+
+    key_sql = [timed(key_query, k)[0] for k in keys]
     plan = cur.execute("EXPLAIN ANALYZE " + store_mod._KEY_ROWS, {"key": keys[0]}).fetchall()[0][1]
     scanned = next((line.strip(" │") for line in plan.splitlines() if "Row Groups Scanned" in line), "?")
     scan = [
@@ -311,8 +342,18 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print()
     row("measure", "value")
     row("baseline ingest (plain INSERT), events/s", f"{n / raw.wall:,.0f}")
-    row("Store.ingest, events/s", f"{n / t_store:,.0f}")
+    t_merge = policy_time[0]
+    row("Store.ingest, merges included, events/s", f"{n / t_store:,.0f}")
     row("Store.ingest / baseline, wall clock", f"{raw.wall / t_store:.2f}")
+    row(
+        "  merges inside ingest: count, rows rewritten, s (+ checkpoints)",
+        f"{len(merge_times)}, {sum(r for _, r in merge_times):,}, {t_merge:.1f}",
+    )
+    row(
+        "  largest merge, rows, s",
+        "-" if not merge_times else f"{max(r for _, r in merge_times):,}, {max(t for t, _ in merge_times):.1f}",
+    )
+    row("  Store.ingest without its merges, events/s", f"{n / (t_store - t_merge):,.0f}")
     row("CPU per event, ns: baseline / Store.ingest", f"{raw.cpu / n * 1e9:.0f} / {cpu_store / n * 1e9:.0f}")
     if art is not None:
         row("ART index on key_hash: events/s, CPU ns per event", f"{n / art.wall:,.0f}, {art.cpu / n * 1e9:.0f}")
@@ -321,7 +362,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         "file size, MiB: baseline / store",
         f"{raw.path.stat().st_size / 2**20:.0f} / {store_path.stat().st_size / 2**20:.0f}",
     )
-    row("runs", str(runs))
+    row("runs left by the merge policy (most during ingest)", f"{runs} ({max_runs})")
     row("row groups read by one key lookup", scanned.split(":")[-1].strip())
     row("messages per key (mean of 100 keys)", f"{statistics.mean(sizes):.1f}")
     row("Store.lifecycle exact, first read, ms p50 / p99", ms(cold))
@@ -340,13 +381,13 @@ def run(args: argparse.Namespace, work: Path) -> None:
         for k in keys:
             store.lifecycle(k)
         after = [timed(store.lifecycle, k)[0] for k in keys]
-        after_sql = [timed(lambda k=k: cur.execute(store_mod._KEY_ROWS, {"key": k}).fetchall())[0] for k in keys]
+        after_sql = [timed(key_query, k)[0] for k in keys]
         row("compact(full=True), s", f"{t_compact:.1f}")
         row("after it: Store.lifecycle exact, warm, ms p50 / p99", ms(after))
         row("after it: key query alone, warm, ms p50 / p99", ms(after_sql))
     print(
         f"\n{os.cpu_count()} cores, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, "
-        f"duckdb {duckdb.__version__}, row group size {store_mod.ROW_GROUP_SIZE}"
+        f"duckdb {duckdb.__version__}, row group size {store_mod.ROW_GROUP_SIZE}, fan-in {store_mod.FANIN}"
     )
     store.close()
 

@@ -20,6 +20,7 @@ from confluent_kafka import TopicPartition
 
 from collector.options import DEFAULT_EVENTS_TOPIC
 from collector.schema import BatchError, from_ipc
+from collector.store import IDLE_MERGE_MAX_ROWS
 
 log = logging.getLogger("keytrace.collect")
 
@@ -35,6 +36,7 @@ class CollectorStats:
     rows: int = 0
     dead_letters: int = 0
     store_errors: int = 0
+    merges: int = 0
     last_error: str | None = None
     last_ingest_at: float | None = None
     started_at: float = field(default_factory=time.time)
@@ -77,10 +79,14 @@ class Collector:
         group_id: str = "keytrace-collector",
         consumer_conf: dict[str, Any] | None = None,
         max_records: int = 500,
+        idle_merge_max_rows: int | None = IDLE_MERGE_MAX_ROWS,
     ) -> None:
         self.store = store
         self.topic = topic
         self.max_records = max_records
+        # When a poll comes back empty, merge runs of the store (one merge of at most this
+        # many rows per empty poll), so lookups stay fast; None turns it off.
+        self.idle_merge_max_rows = idle_merge_max_rows
         conf = {
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
@@ -107,6 +113,7 @@ class Collector:
         """Consume up to max_records, store them, then commit. Returns rows stored."""
         msgs = self.consumer.consume(self.max_records, timeout)
         if not msgs:
+            self._idle_merge()
             return 0
         records: list[Record] = []
         dead: list[DeadLetter] = []
@@ -161,6 +168,22 @@ class Collector:
                 asynchronous=False,
             )
         return rows
+
+    def _idle_merge(self) -> None:
+        """Nothing to store: merge runs the store's ingest left for compact(), one at a time.
+
+        ingest() merges runs only up to store.AUTO_MERGE_MAX_ROWS rows; larger merges
+        happen here, so that a long-running store keeps few runs. One merge per empty poll,
+        so the collector looks for new records again between merges.
+        """
+        compact = getattr(self.store, "compact", None)
+        if self.idle_merge_max_rows is None or compact is None:
+            return
+        try:
+            self.stats.merges += compact(max_rows=self.idle_merge_max_rows, max_merges=1)
+        except Exception as exc:  # the next ingest reports a store that is really broken
+            self.stats.last_error = f"store {self.store_name}: merge failed: {_describe(exc)}"
+            log.warning("%s", self.stats.last_error)
 
     def _ingest(self, records: list[Record], dead: list[DeadLetter]) -> int:
         """Store every record's batches in one transaction; if their content breaks it, one record at a time.

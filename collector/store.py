@@ -8,9 +8,9 @@ Layout (docs/STORE.md has the measurements): each `ingest()` call appends its ev
 as one *run*, clustered by `key_hash = hash(key)`, in row groups of ROW_GROUP_SIZE
 rows. DuckDB keeps min/max per row group, so a key lookup reads about one row group
 per run instead of the whole table, and ingest pays for a cheap reordering instead of
-maintaining an index. Small runs are merged as they accumulate (size-tiered, FANIN at
-a time) and `compact()` merges larger ones, so that the number of runs, and with it
-the cost of a lookup, stays small.
+maintaining an index. Runs are merged as they accumulate (size-tiered, FANIN at a
+time, by ingest itself up to AUTO_MERGE_MAX_ROWS; `compact()` for larger ones), so that
+the number of runs, and with it the cost of a lookup, stays small.
 
 A side table `commits` holds each committed partition offset of the commit events, so
 that a lifecycle can show when a group committed past a message.
@@ -38,9 +38,17 @@ from collector.schema import CONFIGS, EVENTS, SCHEMA_VERSION, SCHEMAS, STATS, ta
 log = logging.getLogger("keytrace.store")
 
 ROW_GROUP_SIZE = 16_384
-FANIN = 8
-# Runs below this size are merged by ingest itself; larger ones only by compact().
-AUTO_MERGE_MAX_ROWS = 65_536
+# Runs are merged FANIN at a time, FANIN runs of one size tier (within a factor FANIN of
+# each other). 4 keeps 10 million events of the bench in 7 runs for about 1.6 rewrites
+# per event; 8 rewrites about 0.9 per event but leaves 11 runs (docs/STORE.md).
+FANIN = 4
+# ingest() merges runs itself as long as the merged run stays within this many rows, so
+# that the number of runs, and with it the cost of a key lookup, stays bounded without
+# anyone calling compact(). One merge of the largest size rewrites at most this many rows
+# while ingest holds the write lock. Larger merges are left to compact(): the collector
+# runs it with IDLE_MERGE_MAX_ROWS when a poll comes back empty.
+AUTO_MERGE_MAX_ROWS = 4_194_304
+IDLE_MERGE_MAX_ROWS = 16_777_216
 # Around a null-key message's produce time, the window paired on its own (see lifecycle).
 NULL_KEY_WINDOW = dt.timedelta(seconds=10)
 REPORT_HORIZON = dt.timedelta(minutes=15)
@@ -187,6 +195,8 @@ class Store:
             # The row group size is not stored in the file, so every writer attaches with it.
             self._con.execute(f"ATTACH ? AS keytrace (ROW_GROUP_SIZE {int(ROW_GROUP_SIZE)})", [str(self.path)])
             self._con.execute("USE keytrace")
+            # A run's rows must reach the file in the order ingest clustered them (the default).
+            self._con.execute("SET preserve_insertion_order = true")
             self._create_schema()
         self._session(self._con)
         self._hash_ok = self._check_hash()
@@ -365,6 +375,10 @@ class Store:
             # more than a run has row groups, and a stable sort keeps arrival order in each.
             order = np.argsort((hashes >> np.uint64(48)).astype(np.uint16), kind="stable")
             run_data = data.take(order).append_column("key_hash", pa.array(hashes[order]))
+            # Batches of exactly one row group let DuckDB convert and compress them on all its
+            # threads (in order: preserve_insertion_order stays on); one large batch, or
+            # batches smaller than a row group, go through a single thread.
+            run_data = pa.Table.from_batches(run_data.to_batches(max_chunksize=ROW_GROUP_SIZE), run_data.schema)
             con.register("kt_run", run_data)
             try:
                 con.execute(_INSERT_EVENTS, {"run": run})
@@ -434,7 +448,12 @@ class Store:
 
     @staticmethod
     def _tier(rows: int) -> int:
-        """floor(log_FANIN(rows)): runs of one tier are within a factor FANIN in size."""
+        """floor(log_FANIN(rows)): runs of one tier are within a factor FANIN in size.
+
+        Runs smaller than a row group all count as one tier: an in-process sink's inserts
+        of any small size merge together instead of spreading over many tiers.
+        """
+        rows = max(rows, ROW_GROUP_SIZE)
         tier = 0
         while rows >= FANIN:
             rows //= FANIN
@@ -442,21 +461,22 @@ class Store:
         return tier
 
     def _merge(self, run_ids: list[int]) -> None:
-        """Rewrite consecutive runs as one run sorted by key_hash."""
-        lo, hi = run_ids[0], run_ids[-1]
+        """Rewrite runs as one run clustered by key_hash, in one transaction."""
         con = self._con
         new = self._next_run
         self._next_run += 1
-        params = {"lo": lo, "hi": hi}
+        # The runs of one tier need not be neighbours, hence a list rather than a range.
+        # Run ids are integers from the runs table, never input.
+        runs = ", ".join(str(int(r)) for r in run_ids)
         con.execute("BEGIN")
         try:
             con.execute(
-                "INSERT INTO events SELECT * REPLACE ($new::UINTEGER AS run) FROM events "
-                "WHERE run BETWEEN $lo AND $hi ORDER BY key_hash >> 48, ts",
-                dict(params, new=new),
+                "INSERT INTO events SELECT * REPLACE ($new::UINTEGER AS run) FROM events "  # noqa: S608
+                f"WHERE run IN ({runs}) ORDER BY key_hash >> 48, ts",
+                {"new": new},
             )
-            con.execute("DELETE FROM events WHERE run BETWEEN $lo AND $hi", params)
-            con.execute("DELETE FROM runs WHERE run BETWEEN $lo AND $hi", params)
+            con.execute(f"DELETE FROM events WHERE run IN ({runs})")  # noqa: S608
+            con.execute(f"DELETE FROM runs WHERE run IN ({runs})")  # noqa: S608
             con.execute(
                 "INSERT INTO runs SELECT $new, count(*), min(ts), max(ts), now() FROM events WHERE run = $new",
                 {"new": new},
@@ -470,37 +490,28 @@ class Store:
             raise
 
     def _auto_merge(self) -> None:
-        """Merge the newest small runs once FANIN of them share a size tier."""
-        while True:
-            tail = []
-            for run, rows in reversed(self.runs()):
-                if rows >= AUTO_MERGE_MAX_ROWS:
-                    break
-                tail.append((run, rows))
-            if not tail:
-                return
-            tier = self._tier(tail[0][1])
-            same = []
-            for run, rows in tail:
-                if self._tier(rows) != tier:
-                    break
-                same.append(run)
-            if len(same) < FANIN:
-                return
-            self._merge(sorted(same))
+        """Merge FANIN runs of one size tier while the merged run stays within AUTO_MERGE_MAX_ROWS."""
+        merged = 0
+        while (group := self._next_merge(runs := self.runs(), AUTO_MERGE_MAX_ROWS)) is not None:
+            self._merge(group)
+            merged += sum(rows for run, rows in runs if run in group)
+        if merged >= ROW_GROUP_SIZE:
+            # Frees the merged runs' row groups now: lookups stop visiting them and later
+            # writes reuse their blocks instead of growing the file.
+            self._con.execute("CHECKPOINT")
 
-    def compact(self, full: bool = False, max_rows: int | None = None) -> int:
-        """Merge runs: FANIN neighbours of one size tier at a time, or all into one (`full`).
+    def compact(self, full: bool = False, max_rows: int | None = None, max_merges: int | None = None) -> int:
+        """Merge runs: FANIN of one size tier at a time, or all into one (`full`).
 
         Lookups read about one row group per run, so fewer runs make them faster; a merge
         rewrites its rows once and holds the write lock meanwhile. `max_rows` skips merges
-        larger than that, to bound the pause (for a collector's idle moments). Returns the
-        number of merges done.
+        larger than that and `max_merges` stops after that many, to bound the pause (for a
+        collector's idle moments). Returns the number of merges done.
         """
         self._writable()
         merges = 0
         with self._write_lock:
-            while True:
+            while max_merges is None or merges < max_merges:
                 runs = self.runs()
                 if full:
                     group = [r for r, _ in runs] if len(runs) > 1 else None
@@ -512,22 +523,28 @@ class Store:
                 merges += 1
                 if full:
                     break
-            self._con.execute("CHECKPOINT")
+            if merges:
+                self._con.execute("CHECKPOINT")
         return merges
 
     def _next_merge(self, runs: list[tuple[int, int]], max_rows: int | None) -> list[int] | None:
-        """The first FANIN consecutive runs of one size tier (at most max_rows in all)."""
-        group: list[int] = []
-        tier, total = -1, 0
+        """The FANIN oldest runs of the smallest size tier that has FANIN (at most max_rows in all), or None.
+
+        Runs of one tier need not be neighbours: a run of another size between them (a
+        busier poll) must not keep them apart for good. Each merge makes a run of a higher
+        tier, so a row is rewritten about once per tier, and at most FANIN - 1 runs are
+        left in each tier.
+        """
+        by_tier: dict[int, list[tuple[int, int]]] = defaultdict(list)
         for run, rows in runs:
-            if self._tier(rows) != tier:
-                group, tier, total = [], self._tier(rows), 0
-            group.append(run)
-            total += rows
-            if len(group) == FANIN:
-                if max_rows is None or total <= max_rows:
-                    return group
-                group, total = [], 0
+            by_tier[self._tier(rows)].append((run, rows))
+        for tier in sorted(by_tier):
+            group = by_tier[tier][:FANIN]
+            if len(group) < FANIN:
+                continue
+            if max_rows is not None and sum(rows for _, rows in group) > max_rows:
+                break  # higher tiers are larger still
+            return [run for run, _ in group]
         return None
 
     # -- key lookups ------------------------------------------------------------------------------

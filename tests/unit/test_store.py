@@ -487,6 +487,121 @@ def test_compact_merges_one_size_tier_at_a_time(store: Store, monkeypatch: pytes
     assert len(store.lifecycle(b"k")) == store_mod.FANIN + 1
 
 
+def sends(src: int, first_seq: int, n: int, keys: int, ms: float = 0) -> pa.RecordBatch:
+    """n sends of keys key-0 .. key-(keys-1), one batch."""
+    rows = [
+        dict(
+            {f.name: None for f in EVENTS},
+            src=src,
+            seq=first_seq + i,
+            ts=at(ms + i),
+            kind="send",
+            topic="orders",
+            key=f"key-{i % keys}".encode(),
+        )
+        for i in range(n)
+    ]
+    return pa.RecordBatch.from_pylist(rows, schema=EVENTS)
+
+
+def test_a_run_reaches_the_file_clustered_in_row_groups(store: Store) -> None:
+    """Ingest hands DuckDB one batch per row group and its threads keep the clustered order."""
+    n = 5 * store_mod.ROW_GROUP_SIZE + 123
+    store.ingest([sends(1, 1, n // 2, 5_000), sends(1, 1 + n // 2, n - n // 2, 5_000)])
+    store.cursor().execute("CHECKPOINT")
+    cur = store.cursor()
+    unordered = cur.execute(
+        "SELECT count(*) FROM (SELECT key_hash >> 48 AS b, lag(key_hash >> 48) OVER (ORDER BY rowid) AS prev "
+        "FROM events) WHERE b < prev"
+    ).fetchone()[0]
+    assert unordered == 0
+    spans: dict[int, tuple[int, int]] = {}
+    for group, stats in cur.execute(
+        "SELECT row_group_id, stats FROM pragma_storage_info('events') "
+        "WHERE column_name = 'key_hash' AND segment_type = 'UBIGINT'"
+    ).fetchall():
+        lo, hi = int(stats["min"]), int(stats["max"])
+        old = spans.get(group, (lo, hi))
+        spans[group] = (min(lo, old[0]), max(hi, old[1]))
+    groups = [(g, *spans[g]) for g in sorted(spans)]
+    assert len(groups) >= 5
+    # Each row group holds a slice of buckets (the top 16 bits of the hash); neighbours share at most one.
+    assert all(a[2] >> 48 <= b[1] >> 48 for a, b in zip(groups, groups[1:], strict=False)), groups
+    per_batch = [n // 2, n - n // 2]
+    assert len(store.lifecycle(b"key-7")) == sum(m // 5_000 + (7 < m % 5_000) for m in per_batch)
+
+
+def test_runs_of_one_tier_merge_across_a_larger_run(store: Store) -> None:
+    large = store_mod.FANIN * store_mod.ROW_GROUP_SIZE + 1  # a tier above the small runs
+    seq = 1
+    for i in range(store_mod.FANIN + 1):
+        n = large if i == store_mod.FANIN // 2 else 2
+        store.ingest([sends(1, seq, n, 4, ms=seq)])
+        seq += n
+    # The small runs merged although the large run sits between them.
+    assert sorted(n for _, n in store.runs()) == [2 * store_mod.FANIN, large]
+    assert len(store.lifecycle(b"key-1", limit=100_000)) == large // 4 + store_mod.FANIN  # once in each 2-row run
+
+
+def test_merge_policy_keeps_runs_bounded_and_dedupe_holds(store: Store) -> None:
+    """Small inserts of very different sizes, as an in-process sink makes: runs stay few, nothing lost or doubled."""
+    sizes = [1, 7, 300, 2, 40, 9, 1, 1200, 5, 60, 3, 700, 8, 2, 90, 1, 33, 4, 2500, 6] * 4
+    batches, seq = [], 1
+    for i, n in enumerate(sizes):
+        batches.append(sends(1 + i % 3, seq, n, 50, ms=seq))
+        seq += n
+        store.ingest([batches[-1]])
+        # Runs below a row group are one size tier: at most FANIN - 1 of them stay unmerged.
+        assert len(store.runs()) < store_mod.FANIN
+    total = sum(sizes)
+    assert sum(n for _, n in store.runs()) == total
+    assert store.cursor().execute("SELECT count(*), count(DISTINCT (src, seq)) FROM events").fetchone() == (
+        total,
+        total,
+    )
+    runs = store.runs()
+    assert store.ingest(batches) == 0  # every batch is known, merged or not
+    assert store.runs() == runs
+    expected = store.cursor().execute("SELECT count(*) FROM events WHERE key = 'key-7'::BLOB").fetchone()[0]
+    assert len(store.lifecycle(b"key-7", limit=10_000)) == expected
+    assert len(store.lifecycle(b"key-", prefix=True, limit=100_000)) == total
+
+
+def test_auto_merges_stop_at_their_row_bound(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "AUTO_MERGE_MAX_ROWS", 4 * store_mod.FANIN - 1)
+    for i in range(2 * store_mod.FANIN):
+        store.ingest([sends(1, 1 + 4 * i, 4, 2)])
+    # Each merge of FANIN runs of 4 rows would write 4 * FANIN rows: over the bound, so none happened.
+    assert len(store.runs()) == 2 * store_mod.FANIN
+    assert store.compact(max_rows=4 * store_mod.FANIN, max_merges=1) == 1
+    assert sorted(n for _, n in store.runs()) == [4] * store_mod.FANIN + [4 * store_mod.FANIN]
+    assert len(store.lifecycle(b"key-1", limit=100)) == 2 * store_mod.FANIN * 2
+
+
+def test_collector_merges_when_a_poll_comes_back_empty(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from collector.collect import Collector
+
+    monkeypatch.setattr(store_mod, "AUTO_MERGE_MAX_ROWS", 1)  # leave every merge to the collector
+    for i in range(2 * store_mod.FANIN):
+        store.ingest([sends(1, 1 + 4 * i, 4, 2)])
+    collector = Collector(store, "127.0.0.1:9")
+    collector.consumer.close()
+
+    class Idle:
+        def consume(self, n: int, timeout: float) -> list[Any]:
+            return []
+
+    collector.consumer = Idle()
+    assert collector.step() == 0
+    assert len(store.runs()) == store_mod.FANIN + 1  # one merge per empty poll
+    assert collector.step() == 0
+    assert sorted(n for _, n in store.runs()) == [4 * store_mod.FANIN] * 2
+    assert collector.stats.merges == 2
+    assert collector.step() == 0  # nothing left within the bound
+    assert collector.stats.merges == 2
+    assert len(store.lifecycle(b"key-0", limit=100)) == 2 * store_mod.FANIN * 2
+
+
 def test_readers_on_other_threads(store: Store) -> None:
     """Pages read on their own threads while the collector writes; each sees committed, growing data."""
     p = Client(1)
