@@ -101,6 +101,8 @@ typedef struct {
     uint32_t arena_len;
     uint32_t touched_recs; /* prefix already written once, so its pages are resident */
     uint32_t touched_arena;
+    uint64_t err_name_len; /* bytes of the error names and messages of this buffer's errors */
+    uint64_t err_msg_len;
 } kt_buf;
 
 /*
@@ -228,6 +230,10 @@ static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
     if (key_len > 0) {
         memcpy(b->arena + b->arena_len, m->key, (size_t)key_len);
         b->arena_len += (uint32_t)key_len;
+    }
+    if (kind == KT_ERROR) {
+        b->err_name_len += strlen(api.err2name(m->err));
+        b->err_msg_len += strlen(api.err2str(m->err));
     }
     lane->recorded++;
     pthread_mutex_unlock(&lane->mu);
@@ -587,6 +593,8 @@ static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *n
             lane->active ^= 1;
             lane->bufs[lane->active].n = 0;
             lane->bufs[lane->active].arena_len = 0;
+            lane->bufs[lane->active].err_name_len = 0;
+            lane->bufs[lane->active].err_msg_len = 0;
             out->recorded += lane->recorded;
             out->dropped += lane->dropped;
             pthread_mutex_unlock(&lane->mu);
@@ -630,14 +638,10 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
         tlen[c] = (uint32_t)strlen(in->topics[c]);
         data_len[C_TOPIC] += tlen[c];
     }
+    /* Counted by record(): no pass over the records before the one that converts them. */
     for (l = 0; l < KT_LANES; l++) {
-        for (i = 0; i < bs[l]->n; i++) {
-            const kt_rec *r = &bs[l]->recs[i];
-            if (r->kind == KT_ERROR) {
-                data_len[C_ERR_NAME] += strlen(api.err2name(r->err));
-                data_len[C_ERR_MESSAGE] += strlen(api.err2str(r->err));
-            }
-        }
+        data_len[C_ERR_NAME] += bs[l]->err_name_len;
+        data_len[C_ERR_MESSAGE] += bs[l]->err_msg_len;
         data_len[C_KEY] += bs[l]->arena_len;
     }
 
