@@ -26,6 +26,8 @@ import confluent_kafka
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workload import produce_all  # noqa: E402
+
 from collector import native  # noqa: E402
 from collector.mockcluster import MockCluster  # noqa: E402
 from collector.schema import to_ipc  # noqa: E402
@@ -79,17 +81,8 @@ def run(
         drainer = Drainer(src, interval, ipc)
         drainer.start()
     p = confluent_kafka.Producer(conf)
-    nkeys = len(keys)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    for i in range(n):
-        while True:
-            try:
-                p.produce("bench", value, keys[i % nkeys])
-                break
-            except BufferError:
-                p.poll(0.005)
-        p.poll(0)
-    p.flush(60)
+    produce_all(p, n, value, keys)
     elapsed = time.perf_counter() - t0
     if drainer is not None:
         drainer.finish()

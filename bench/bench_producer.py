@@ -21,6 +21,8 @@ import confluent_kafka
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workload import produce_all  # noqa: E402
+
 from collector import TracedProducer, native  # noqa: E402
 
 
@@ -37,21 +39,9 @@ def run(
     if not per_message_cb:
         conf["on_delivery"] = on_delivery
     p = cls(conf, **kw)
-    nkeys = len(keys)
     t0 = time.perf_counter()
     c0 = time.process_time()
-    for i in range(n):
-        while True:
-            try:
-                if per_message_cb:
-                    p.produce("bench", value, keys[i % nkeys], on_delivery=on_delivery)
-                else:
-                    p.produce("bench", value, keys[i % nkeys])
-                break
-            except BufferError:
-                p.poll(0.005)
-        p.poll(0)
-    p.flush(60)
+    produce_all(p, n, value, keys, on_delivery if per_message_cb else None)
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - c0
     if delivered[0] != n:

@@ -32,6 +32,8 @@ import confluent_kafka
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workload import produce_all  # noqa: E402
+
 from collector import TracedProducer, native  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -79,16 +81,7 @@ def run(variant: str, conf: dict, n: int, value: bytes, keys: list[bytes], sink:
     app = threading.get_native_id()
     before = thread_cpu()
     t0 = time.perf_counter()
-    nkeys = len(keys)
-    for i in range(n):
-        while True:
-            try:
-                p.produce("bench", value, keys[i % nkeys])
-                break
-            except BufferError:
-                p.poll(0.005)
-        p.poll(0)
-    p.flush(60)
+    produce_all(p, n, value, keys)
     elapsed = time.perf_counter() - t0
     after = thread_cpu()
     if delivered[0] != n:

@@ -1,0 +1,24 @@
+"""The producer benchmarks' shared loop: keyed messages, poll(0) after each, then flush."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def produce_all(p: Any, n: int, value: bytes, keys: list[bytes], on_delivery: Callable[..., Any] | None = None) -> None:
+    """Produce n messages to topic "bench" (keys in turn), waiting out a full queue, and flush.
+
+    With `on_delivery`, each produce() passes it as the per-message callback.
+    """
+    nkeys = len(keys)
+    extra = {} if on_delivery is None else {"on_delivery": on_delivery}
+    for i in range(n):
+        while True:
+            try:
+                p.produce("bench", value, keys[i % nkeys], **extra)
+                break
+            except BufferError:
+                p.poll(0.005)
+        p.poll(0)
+    p.flush(60)
