@@ -254,6 +254,14 @@ def is_wire(batch: pa.RecordBatch) -> bool:
     return (batch.schema.metadata or {}).get(META_WIRE) == WIRE_COMPACT
 
 
+def _u64(text: bytes, count: int) -> int:
+    """An id from the metadata, checked so that `count` consecutive ids from it fit in 64 bits."""
+    value = int(text)
+    if value < 0 or value + max(count, 1) - 1 >= 2**64:
+        raise ValueError(f"id {value} (+{count}) does not fit in 64 bits")
+    return value
+
+
 def from_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
     """The store's form of a batch in wire form (a batch already in that form is returned unchanged)."""
     meta = batch.schema.metadata or {}
@@ -274,9 +282,9 @@ def from_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
                     col = col.dictionary_decode()
                 arrays.append(col)
             elif f.name == "src" and META_SRC in meta:
-                arrays.append(pa.array(np.full(n, int(meta[META_SRC]), dtype=np.uint64)))
+                arrays.append(pa.array(np.full(n, _u64(meta[META_SRC], 1), dtype=np.uint64)))
             elif f.name == "seq" and META_SEQ_LO in meta:
-                lo = int(meta[META_SEQ_LO])
+                lo = _u64(meta[META_SEQ_LO], n)
                 arrays.append(pa.array(np.arange(lo, lo + n, dtype=np.uint64)))
             else:
                 arrays.append(pa.nulls(n, f.type))
