@@ -2,9 +2,10 @@
 
 Same process, same librdkafka mock cluster (3 brokers), 100-byte values, keyed
 messages, a delivery callback in both. Rounds alternate plain and traced so that
-machine noise hits both alike; the figure is the median of the per-round ratios.
+machine noise hits both alike; the figure is the median of the per-round ratios. On a
+small shared machine single rounds scatter widely (0.4 to 1.4), so use many rounds:
 
-    .venv/bin/python bench/bench_producer.py --messages 200000 --rounds 5
+    .venv/bin/python bench/bench_producer.py --messages 200000 --rounds 40
 """
 
 from __future__ import annotations
