@@ -372,16 +372,18 @@ class TracedProducer(confluent_kafka.Producer):
 
 
 TracedProducer._kt_produce_py = TracedProducer.produce  # type: ignore[attr-defined]
-_fast_lock = threading.Lock()
+_fast_produce_tried = False
 
 
 def _install_fast_produce() -> None:
-    """Swap TracedProducer.produce for the C descriptor, once, if it can be built here."""
-    if not isinstance(TracedProducer.__dict__["produce"], type(_install_fast_produce)):
+    """Swap TracedProducer.produce for the C descriptor, once, if it can be built here.
+
+    Two threads racing here both install an equivalent descriptor, which is harmless.
+    """
+    global _fast_produce_tried
+    if _fast_produce_tried:
         return
-    with _fast_lock:
-        if not isinstance(TracedProducer.__dict__["produce"], type(_install_fast_produce)):
-            return
-        produce_type = native.produce_descriptor()
-        if produce_type is not None:
-            TracedProducer.produce = produce_type(_produce, "_kt_native", "_kt_produce_py", "_kt_reject_call")
+    produce_type = native.produce_descriptor()
+    if produce_type is not None:
+        TracedProducer.produce = produce_type(_produce, "_kt_native", "_kt_produce_py", "_kt_reject_call")
+    _fast_produce_tried = True

@@ -185,27 +185,17 @@ def to_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
     """The compact wire form of an events batch; any other batch is returned unchanged."""
     if is_wire(batch) or batch.schema.metadata != EVENTS.metadata or batch.schema != EVENTS or batch.num_rows == 0:
         return batch
-    n = batch.num_rows
-    meta = dict(EVENTS.metadata)
-    meta[META_WIRE] = WIRE_COMPACT
-    fields: list[pa.Field] = []
-    arrays: list[pa.Array] = []
-    src, seq = batch.column(0), batch.column(1)
-    if src.null_count == 0 and seq.null_count == 0:
-        lo = src[0].as_py()
-        if pc.all(pc.equal(src, lo)).as_py():
-            meta[META_SRC] = str(lo).encode()
-        else:
-            fields.append(EVENTS.field("src"))
-            arrays.append(src)
-        first = seq[0].as_py()
-        if np.array_equal(seq.to_numpy(), np.arange(first, first + n, dtype=np.uint64)):
-            meta[META_SEQ_LO] = str(first).encode()
-        else:
-            fields.append(EVENTS.field("seq"))
-            arrays.append(seq)
-    else:  # not storable anyway: keep it as it is, for the receiver to reject
+    src, seq = batch.column("src"), batch.column("seq")
+    if src.null_count or seq.null_count:  # not storable anyway: keep it as it is, for the receiver to reject
         return batch
+    n = batch.num_rows
+    columns: dict[str, pa.Array] = {}
+    src_id: int | None = src[0].as_py()
+    if not pc.all(pc.equal(src, src_id)).as_py():
+        columns["src"], src_id = src, None
+    seq_lo: int | None = seq[0].as_py()
+    if not np.array_equal(seq.to_numpy(), np.arange(seq_lo, seq_lo + n, dtype=np.uint64)):
+        columns["seq"], seq_lo = seq, None
     for f, col in zip(EVENTS, batch.columns, strict=True):
         if f.name in ("src", "seq") or col.null_count == n:
             continue
@@ -213,29 +203,26 @@ def to_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
             col = pc.dictionary_encode(col)
             if len(col.dictionary) <= 127:
                 col = pa.DictionaryArray.from_arrays(col.indices.cast(pa.int8()), col.dictionary)
-            f = pa.field(f.name, col.type, nullable=f.nullable)
-        fields.append(f)
-        arrays.append(col)
-    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
+        columns[f.name] = col
+    return wire_batch(columns, n, src=src_id, seq_lo=seq_lo)
 
 
-def wire_batch(columns: dict[str, pa.Array], n: int, *, src: int, seq_lo: int) -> pa.RecordBatch:
+def wire_batch(columns: dict[str, pa.Array], n: int, *, src: int | None, seq_lo: int | None) -> pa.RecordBatch:
     """A batch in the compact wire form from its columns (by name, any order; absent ones are all null).
 
-    Rows have the event ids (src, seq_lo), (src, seq_lo + 1), ...
+    With `src` and `seq_lo`, rows have the event ids (src, seq_lo), (src, seq_lo + 1), ...,
+    carried in the metadata; without them, `src` and `seq` are among the columns.
     """
     meta = dict(EVENTS.metadata)
     meta[META_WIRE] = WIRE_COMPACT
-    meta[META_SRC] = str(src).encode()
-    meta[META_SEQ_LO] = str(seq_lo).encode()
-    fields, arrays = [], []
-    for f in EVENTS:
-        col = columns.get(f.name)
-        if col is not None and f.name not in ("src", "seq"):
-            fields.append(pa.field(f.name, col.type, f.nullable))
-            arrays.append(col)
-    if not arrays:
-        raise BatchError("a batch needs at least one column besides its ids")
+    if src is not None:
+        meta[META_SRC] = str(src).encode()
+    if seq_lo is not None:
+        meta[META_SEQ_LO] = str(seq_lo).encode()
+    fields = [pa.field(f.name, columns[f.name].type, f.nullable) for f in EVENTS if f.name in columns]
+    if not fields:
+        raise BatchError("a batch needs at least one column")
+    arrays = [columns[f.name] for f in fields]
     if any(len(a) != n for a in arrays):
         raise BatchError("columns of unequal length")
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
@@ -245,7 +232,7 @@ def slice_batch(batch: pa.RecordBatch, offset: int, length: int) -> pa.RecordBat
     """batch.slice(), keeping a wire-form batch's ids right (its first seq moves with the offset)."""
     part = batch.slice(offset, length)
     meta = batch.schema.metadata or {}
-    if offset and meta.get(META_WIRE) == WIRE_COMPACT and META_SEQ_LO in meta:
+    if offset and is_wire(batch) and META_SEQ_LO in meta:
         part = part.replace_schema_metadata({**meta, META_SEQ_LO: str(int(meta[META_SEQ_LO]) + offset).encode()})
     return part
 
@@ -264,9 +251,9 @@ def _u64(text: bytes, count: int) -> int:
 
 def from_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
     """The store's form of a batch in wire form (a batch already in that form is returned unchanged)."""
-    meta = batch.schema.metadata or {}
-    if meta.get(META_WIRE) != WIRE_COMPACT:
+    if not is_wire(batch):
         return batch
+    meta = batch.schema.metadata
     if meta.get(META_TABLE) != b"events":
         raise BatchError("only events batches travel in the compact wire form")
     unknown = [name for name in batch.schema.names if name not in _EVENT_TYPES]
@@ -317,9 +304,9 @@ def from_ipc(data: bytes) -> list[pa.RecordBatch]:
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data))
         batches = [from_wire(b) for b in reader]
+    except BatchError:
+        raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError) as exc:
-        if isinstance(exc, BatchError):
-            raise
         raise BatchError(f"not an Arrow IPC stream: {exc}") from exc
     for b in batches:
         table_of(b)

@@ -525,7 +525,7 @@ typedef struct {
     int64_t live;
     int64_t null_count[KT_NCOLS];
     kt_span buf[KT_NCOLS][3]; /* validity bitmap, values (or int32 offsets), string data */
-    /* kind is an int8 code into kind_names; topic an int16 index into the client's topic
+    /* kind is an int8 code (KT_SEND, KT_ACK, ...); topic an int16 index into the client's topic
        names, which follow: ntopics + 1 int32 offsets, then the characters (buf[C_TOPIC][2]). */
     uint64_t ntopics;
     kt_span topic_offsets;
