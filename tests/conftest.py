@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,3 +60,30 @@ def recorder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
         pytest.skip(f"native recorder unavailable: {native.unavailable_reason()}")
     monkeypatch.setenv("KEYTRACE_NATIVE", "1" if request.param == "native" else "0")
     return request.param
+
+
+@pytest.fixture
+def open_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
+    """Run the dashboard (Streamlit's AppTest) on a store file, optionally on another page and with query parameters."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    import dashboard
+    from dashboard import runtime
+
+    app = Path(dashboard.__file__).parent / "app.py"
+
+    def run(db: Path, page: str | None = None, **params: str) -> AppTest:
+        monkeypatch.setenv(runtime.DB_ENV, str(db))
+        runtime.reset()
+        st.cache_data.clear()
+        at = AppTest.from_file(str(app), default_timeout=60)
+        for name, value in params.items():
+            at.query_params[name] = value
+        at.run()
+        if page is not None and page != "pages/search.py":
+            at.switch_page(page).run()
+        return at
+
+    yield run
+    runtime.reset()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,26 +123,6 @@ def empty_db(tmp_path: Path) -> Path:
     db = tmp_path / "empty.duckdb"
     Store(db).close()
     return db
-
-
-@pytest.fixture
-def open_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., AppTest]]:
-    """Run the app on a store file, optionally on another page and with query parameters."""
-
-    def run(db: Path, page: str | None = None, **params: str) -> AppTest:
-        monkeypatch.setenv(runtime.DB_ENV, str(db))
-        runtime.reset()
-        st.cache_data.clear()
-        at = AppTest.from_file(str(APP), default_timeout=60)
-        for name, value in params.items():
-            at.query_params[name] = value
-        at.run()
-        if page is not None and page != "pages/search.py":
-            at.switch_page(page).run()
-        return at
-
-    yield run
-    runtime.reset()
 
 
 def texts(at: AppTest) -> str:

@@ -12,23 +12,19 @@ import subprocess
 import sys
 import unicodedata
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import confluent_kafka
 import pyarrow.parquet as pq
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-import dashboard
 from collector import TracedProducer
 from collector.cli import main as cli_main
 from collector.mockcluster import MockCluster
 from collector.store import Store
 from collector.tracer import MAX_KEY_BYTES, normalize_key
-from dashboard import runtime
 
 INJECTION = "' OR 1=1 --"
 BIG = random.Random(5).randbytes(1 << 20)
@@ -48,7 +44,6 @@ HOSTILE = {
 WILDCARDS = [b"100%_done", b"100_x", b"100x", b"1000"]
 ORDINARY = [f"order-{i}".encode() for i in range(20)]
 TABLES = {"meta", "events", "stats", "configs", "ingested_batches", "dead_letters", "runs", "commits"}
-APP = Path(dashboard.__file__).parent / "app.py"
 
 
 def trace_keys(servers: str, topic: str, db: Path, spool: Path, keys: list[bytes]) -> dict[bytes, tuple[int, int]]:
@@ -255,39 +250,24 @@ def test_export_of_an_sql_key_holds_only_that_key(stores: dict[str, Any], tmp_pa
 # -- dashboard ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def open_search(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    def run(db: Path, **params: str) -> AppTest:
-        monkeypatch.setenv(runtime.DB_ENV, str(db))
-        runtime.reset()
-        st.cache_data.clear()
-        at = AppTest.from_file(str(APP), default_timeout=60)
-        for name, value in params.items():
-            at.query_params[name] = value
-        return at.run()
-
-    yield run
-    runtime.reset()
-
-
 def shown(at: AppTest) -> str:
     return "\n".join(str(e.value) for kind in ("markdown", "warning", "error", "code") for e in getattr(at, kind))
 
 
 @pytest.mark.parametrize(("text", "mode"), [(INJECTION, "exact"), (INJECTION, "prefix"), ("%", "prefix")])
 def test_sql_injection_through_dashboard_search_finds_nothing(
-    stores: dict[str, Any], open_search: Any, text: str, mode: str
+    stores: dict[str, Any], open_app: Any, text: str, mode: str
 ) -> None:
-    at = open_search(stores["plain"], key=text, mode=mode)
+    at = open_app(stores["plain"], key=text, mode=mode)
     assert not at.exception
     assert "Not found" in shown(at)
     assert "order-" not in shown(at)
 
 
 @pytest.mark.parametrize("name", ["ansi", "newline", "markdown and html", "or 1=1"])
-def test_dashboard_shows_a_hostile_key(stores: dict[str, Any], open_search: Any, name: str) -> None:
+def test_dashboard_shows_a_hostile_key(stores: dict[str, Any], open_app: Any, name: str) -> None:
     key = HOSTILE[name]
-    at = open_search(stores["hostile"], key=key.decode())
+    at = open_app(stores["hostile"], key=key.decode())
     assert not at.exception
     partition, offset = stores["where"][key]
     assert f"partition {partition} · offset {offset}**" in shown(at)
