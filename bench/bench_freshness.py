@@ -22,14 +22,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workload import pct  # noqa: E402
+
 from collector import TracedProducer  # noqa: E402
 from collector.app_commands import start_collector  # noqa: E402
 from collector.mockcluster import MockCluster  # noqa: E402
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
 def main() -> None:

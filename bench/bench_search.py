@@ -23,13 +23,10 @@ from pathlib import Path
 os.environ.setdefault("STREAMLIT_LOGGER_LEVEL", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workload import pct  # noqa: E402
+
 from collector.store import Store  # noqa: E402
 from dashboard import queries, runtime  # noqa: E402
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The producer benchmarks' shared loop: keyed messages, poll(0) after each, then flush."""
+"""What the benchmarks share: the producer loop (keyed messages, poll(0) after each, then flush) and a percentile."""
 
 from __future__ import annotations
 
@@ -22,3 +22,9 @@ def produce_all(p: Any, n: int, value: bytes, keys: list[bytes], on_delivery: Ca
                 p.poll(0.005)
         p.poll(0)
     p.flush(60)
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (0-100) of values, nearest rank."""
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
