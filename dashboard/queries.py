@@ -175,25 +175,35 @@ def topics(db: str) -> list[str]:
     ]
 
 
+def _client_names(column: str, client_type: str) -> list[str]:
+    """Distinct client ids or group ids (`column`) in the config snapshots and statistics of one client type."""
+    rows = (
+        store()
+        .cursor()
+        .execute(
+            """
+            WITH names AS (
+                SELECT client_type, CASE WHEN $column = 'group_id' THEN group_id ELSE client_id END AS name
+                FROM configs
+                UNION ALL
+                SELECT client_type, CASE WHEN $column = 'group_id' THEN group_id ELSE client_id END FROM stats
+            )
+            SELECT DISTINCT name FROM names WHERE client_type = $type AND name IS NOT NULL ORDER BY 1
+            """,
+            {"column": column, "type": client_type},
+        )
+        .fetchall()
+    )
+    return [r[0] for r in rows]
+
+
 # -- producers ------------------------------------------------------------------------
 
 
 @live
 def producer_clients(db: str) -> list[str]:
     """Producer client ids, from the small tables: every traced client records its config when it starts."""
-    rows = (
-        store()
-        .cursor()
-        .execute(
-            """
-            SELECT client_id FROM configs WHERE client_type = 'producer' AND client_id IS NOT NULL
-            UNION SELECT client_id FROM stats WHERE client_type = 'producer' AND client_id IS NOT NULL
-            ORDER BY 1
-            """
-        )
-        .fetchall()
-    )
-    return [r[0] for r in rows]
+    return _client_names("client_id", "producer")
 
 
 @live
@@ -382,19 +392,7 @@ def parse_config(text: Any) -> dict[str, Any]:
 @live
 def consumer_groups(db: str) -> list[str]:
     """Consumer group ids, from the config snapshots and statistics of traced consumers."""
-    rows = (
-        store()
-        .cursor()
-        .execute(
-            """
-            SELECT group_id FROM configs WHERE client_type = 'consumer' AND group_id IS NOT NULL
-            UNION SELECT group_id FROM stats WHERE client_type = 'consumer' AND group_id IS NOT NULL
-            ORDER BY 1
-            """
-        )
-        .fetchall()
-    )
-    return [r[0] for r in rows]
+    return _client_names("group_id", "consumer")
 
 
 @live
