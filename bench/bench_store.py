@@ -4,8 +4,9 @@
 
 Synthetic but shaped like real traffic: 4 producers and 2 consumer groups, 200,000
 distinct keys, every message sent, acked and consumed by one or two groups, 0.5%
-timing out and resent, periodic commits. Batches of 50,000 rows are ingested 10 per
-call (what the collector does with one poll of the events topic). In the same run, the
+timing out and resent, periodic commits. Batches of at most 50,000 rows are ingested
+about 500,000 events per call (`--call-events`: what one poll of the events topic
+brings a collector that keeps up with 500,000 events/s). In the same run, the
 same batches go into a plain DuckDB table with no key column or order, as the baseline.
 Files live in a temporary directory on disk.
 
@@ -174,17 +175,19 @@ class Traffic:
             out.append(self._batch(GROUP_SRC[group], n + 1, gcols))
         return out
 
-    def calls(self, n_events: int, batches_per_call: int) -> Iterator[list[pa.RecordBatch]]:
-        made, pending = 0, []
+    def calls(self, n_events: int, call_events: int) -> Iterator[list[pa.RecordBatch]]:
+        """Lists of whole batches of about call_events rows in all: one collector poll each."""
+        made, pending, rows = 0, [], 0
         while made < n_events:
             for b in self.messages():
                 # The tracer ships at most batch_rows rows per batch.
                 for i in range(0, b.num_rows, self.batch_rows):
                     pending.append(b.slice(i, self.batch_rows))
+                    rows += pending[-1].num_rows
+                    if rows >= call_events:
+                        yield pending
+                        pending, rows = [], 0
                 made += b.num_rows
-            while len(pending) >= batches_per_call:
-                yield pending[:batches_per_call]
-                pending = pending[batches_per_call:]
         if pending:
             yield pending
 
@@ -234,7 +237,12 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--keys", type=int, default=200_000)
     ap.add_argument("--batch-rows", type=int, default=50_000)
-    ap.add_argument("--batches-per-call", type=int, default=10)
+    ap.add_argument(
+        "--call-events",
+        type=int,
+        default=500_000,
+        help="events per Store.ingest call: what one collector poll brings at 500,000 events/s (docs/STORE.md)",
+    )
     ap.add_argument("--lookups", type=int, default=1000)
     ap.add_argument("--prefix-lookups", type=int, default=100)
     ap.add_argument("--baseline-lookups", type=int, default=50)
@@ -244,9 +252,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--row-group-size", type=int, default=store_mod.ROW_GROUP_SIZE, help="to compare layouts")
     ap.add_argument("--fanin", type=int, default=store_mod.FANIN, help="runs per merge, to compare merge policies")
+    ap.add_argument("--max-runs", type=int, default=store_mod.MAX_RUNS, help="runs beyond which large runs merge")
     args = ap.parse_args()
     store_mod.ROW_GROUP_SIZE = args.row_group_size
     store_mod.FANIN = args.fanin
+    store_mod.MAX_RUNS = args.max_runs
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="keytrace-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -290,7 +300,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     load_before = os.getloadavg()[0]
     n = calls = 0
     t_start = time.perf_counter()
-    for batches in traffic.calls(args.events, args.batches_per_call):
+    for batches in traffic.calls(args.events, args.call_events):
         raw.ingest(batches)
         if art is not None:
             art.ingest(batches)
@@ -305,9 +315,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     t_ckpt_store, _ = timed(store.cursor().execute, "CHECKPOINT")
     wall = time.perf_counter() - t_start
     runs = len(store.runs())
-    print(
-        f"ingested {n:,} events in {calls} calls of {args.batches_per_call} batches (wall {wall:.0f} s with generation)"
-    )
+    print(f"ingested {n:,} events in {calls} calls of about {args.call_events:,} (wall {wall:.0f} s with generation)")
 
     rng = random.Random(args.seed)
     keys = [f"order-{rng.randrange(args.keys)}".encode() for _ in range(args.lookups)]
@@ -387,7 +395,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         row("after it: key query alone, warm, ms p50 / p99", ms(after_sql))
     print(
         f"\n{os.cpu_count()} cores, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, "
-        f"duckdb {duckdb.__version__}, row group size {store_mod.ROW_GROUP_SIZE}, fan-in {store_mod.FANIN}"
+        f"duckdb {duckdb.__version__}, row group size {store_mod.ROW_GROUP_SIZE}, fan-in {store_mod.FANIN}, "
+        f"max runs {store_mod.MAX_RUNS}"
     )
     store.close()
 

@@ -9,8 +9,9 @@ as one *run*, clustered by `key_hash = hash(key)`, in row groups of ROW_GROUP_SI
 rows. DuckDB keeps min/max per row group, so a key lookup reads about one row group
 per run instead of the whole table, and ingest pays for a cheap reordering instead of
 maintaining an index. Runs are merged as they accumulate (size-tiered, FANIN at a
-time, by ingest itself up to AUTO_MERGE_MAX_ROWS; `compact()` for larger ones), so that
-the number of runs, and with it the cost of a lookup, stays small.
+time; by ingest itself, small runs at once and larger ones beyond MAX_RUNS runs;
+`compact()` for the largest), so that the number of runs, and with it the cost of a
+lookup, stays small.
 
 A side table `commits` holds each committed partition offset of the commit events, so
 that a lifecycle can show when a group committed past a message.
@@ -42,11 +43,17 @@ ROW_GROUP_SIZE = 16_384
 # each other). 4 keeps 10 million events of the bench in 7 runs for about 1.6 rewrites
 # per event; 8 rewrites about 0.9 per event but leaves 11 runs (docs/STORE.md).
 FANIN = 4
-# ingest() merges runs itself as long as the merged run stays within this many rows, so
-# that the number of runs, and with it the cost of a key lookup, stays bounded without
-# anyone calling compact(). One merge of the largest size rewrites at most this many rows
-# while ingest holds the write lock. Larger merges are left to compact(): the collector
-# runs it with IDLE_MERGE_MAX_ROWS when a poll comes back empty.
+# ingest() merges FANIN runs of one size tier as soon as they exist while the merged run
+# has at most EAGER_MERGE_MAX_ROWS: small runs (a collector's polls at low rates, an
+# in-process sink's flushes) would otherwise pile up, and merging them costs little. The
+# larger runs a busy collector makes (its polls grow with its backlog) are merged only
+# once the store holds more than MAX_RUNS runs: each merge rewrites rows that ingest has
+# already paid for once, and a lookup costs about as much with MAX_RUNS runs as with a
+# few (docs/STORE.md). Either way one merge rewrites at most AUTO_MERGE_MAX_ROWS rows
+# while ingest holds the write lock; larger merges are left to compact(), which the
+# collector runs with IDLE_MERGE_MAX_ROWS when a poll comes back empty.
+EAGER_MERGE_MAX_ROWS = 1_048_576
+MAX_RUNS = 24
 AUTO_MERGE_MAX_ROWS = 4_194_304
 IDLE_MERGE_MAX_ROWS = 16_777_216
 # Around a null-key message's produce time, the window paired on its own (see lifecycle).
@@ -490,9 +497,15 @@ class Store:
             raise
 
     def _auto_merge(self) -> None:
-        """Merge FANIN runs of one size tier while the merged run stays within AUTO_MERGE_MAX_ROWS."""
+        """Merge small runs eagerly, larger ones while there are more than MAX_RUNS (see EAGER_MERGE_MAX_ROWS)."""
         merged = 0
-        while (group := self._next_merge(runs := self.runs(), AUTO_MERGE_MAX_ROWS)) is not None:
+        while True:
+            runs = self.runs()
+            group = self._next_merge(runs, min(EAGER_MERGE_MAX_ROWS, AUTO_MERGE_MAX_ROWS))
+            if group is None and len(runs) > MAX_RUNS:
+                group = self._next_merge(runs, AUTO_MERGE_MAX_ROWS)
+            if group is None:
+                break
             self._merge(group)
             merged += sum(rows for run, rows in runs if run in group)
         if merged >= ROW_GROUP_SIZE:

@@ -578,6 +578,19 @@ def test_auto_merges_stop_at_their_row_bound(store: Store, monkeypatch: pytest.M
     assert len(store.lifecycle(b"key-1", limit=100)) == 2 * store_mod.FANIN * 2
 
 
+def test_larger_runs_wait_until_there_are_more_than_max_runs(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs beyond the eager bound (a busy collector's polls) merge only once they are too many."""
+    monkeypatch.setattr(store_mod, "EAGER_MERGE_MAX_ROWS", 4 * store_mod.FANIN - 1)  # runs of 4 rows count as large
+    monkeypatch.setattr(store_mod, "MAX_RUNS", store_mod.FANIN + 1)
+    for i in range(store_mod.FANIN + 1):
+        store.ingest([sends(1, 1 + 4 * i, 4, 2)])
+    assert [n for _, n in store.runs()] == [4] * (store_mod.FANIN + 1)  # at the limit: nothing merged yet
+    store.ingest([sends(1, 1 + 4 * (store_mod.FANIN + 1), 4, 2)])
+    # One run too many: the FANIN oldest of the tier became one.
+    assert sorted(n for _, n in store.runs()) == [4, 4, 4 * store_mod.FANIN]
+    assert len(store.lifecycle(b"key-1", limit=100)) == (store_mod.FANIN + 2) * 2
+
+
 def test_collector_merges_when_a_poll_comes_back_empty(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     from collector.collect import Collector
 
