@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sink", choices=["kafka", "duckdb"], default="kafka")
     ap.add_argument("--per-message-callback", action="store_true", help="pass on_delivery to every produce()")
+    ap.add_argument("--flush-interval", type=float, help="TraceOptions.flush_interval_s (default: its default)")
     args = ap.parse_args()
 
     cluster = confluent_kafka.Producer({"test.mock.num.brokers": 3})
@@ -71,7 +72,10 @@ def main() -> None:
     conf = {"bootstrap.servers": bootstrap, "linger.ms": 5}
     value = b"v" * 100
     keys = [f"customer-{i}".encode() for i in range(10_000)]
-    opts = {"sink": sink, "trace_options": {"spool_dir": str(tmp / "spool")}}
+    trace_options: dict[str, object] = {"spool_dir": str(tmp / "spool")}
+    if args.flush_interval is not None:
+        trace_options["flush_interval_s"] = args.flush_interval
+    opts = {"sink": sink, "trace_options": trace_options}
 
     run(confluent_kafka.Producer, conf, 20_000, value, keys, args.per_message_callback)  # warm up topic/metadata
     ratios, cpu_ratios, plain_rates, traced_rates = [], [], [], []
