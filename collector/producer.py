@@ -89,6 +89,10 @@ class TracedProducer(confluent_kafka.Producer):
     `resend_backoff_ms` (the optional resend policy, off by default), `trace_options`.
     """
 
+    # `_kt_native` is a slot so that the C produce() reads it at a fixed offset instead of
+    # looking it up in the instance dict on every call; instances keep a __dict__ as before.
+    __slots__ = ("_kt_native", "__dict__", "__weakref__")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         conf, own = split_conf(args, kwargs)
         options, sink_uri = build_options(conf, own)
@@ -385,5 +389,6 @@ def _install_fast_produce() -> None:
         return
     produce_type = native.produce_descriptor()
     if produce_type is not None:
-        TracedProducer.produce = produce_type(_produce, "_kt_native", "_kt_produce_py", "_kt_reject_call")
+        flag = TracedProducer.__dict__["_kt_native"]  # the slot's member descriptor
+        TracedProducer.produce = produce_type(_produce, flag, "_kt_produce_py", "_kt_reject_call")
     _fast_produce_tried = True

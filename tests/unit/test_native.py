@@ -363,3 +363,56 @@ def test_produce_extension_builds_or_says_why(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(build.sysconfig, "get_paths", lambda: {"include": str(tmp_path / "no-include")})
     with pytest.raises(build.BuildError, match="Python.h"):
         build.build_extension(tmp_path / "elsewhere")
+
+
+def test_produce_descriptor_reads_its_flag_from_a_slot_or_the_instance_dict() -> None:
+    produce_type = native.produce_descriptor()
+    if produce_type is None:
+        pytest.skip(native.produce_descriptor_reason())
+    calls: list[tuple] = []
+
+    def base(self: object, *args: object, **kwargs: object) -> str:
+        calls.append(("fast", args, kwargs))
+        return "base"
+
+    class Slotted:
+        __slots__ = ("fast", "__dict__")
+
+        def slow(self, *args: object, **kwargs: object) -> str:
+            calls.append(("slow", args, kwargs))
+            return "slow"
+
+        def reject(self, args: tuple, kwargs: dict) -> None:
+            calls.append(("reject", args, kwargs))
+
+    class WithDict(Slotted):
+        pass
+
+    Slotted.produce = produce_type(base, Slotted.__dict__["fast"], "slow", "reject")  # type: ignore[attr-defined]
+    obj = Slotted()
+    assert obj.produce("t", key=b"k") == "slow"  # slot not set yet: the slow path
+    obj.fast = True
+    assert obj.produce("t", b"v", key=b"k") == "base"
+    obj.fast = False
+    assert obj.produce("t") == "slow"
+    sub = WithDict()  # a subclass keeps the slot at the same offset
+    sub.fast = True
+    assert sub.produce("u") == "base"
+    assert [c[0] for c in calls] == ["slow", "fast", "slow", "fast"]
+    assert calls[1] == ("fast", ("t", b"v"), {"key": b"k"})
+
+    # The name form looks the flag up in the instance dict.
+    class Plain:
+        def slow(self, *args: object) -> str:
+            return "slow"
+
+    Plain.produce = produce_type(base, "fast", "slow", "reject")  # type: ignore[attr-defined]
+    plain = Plain()
+    assert plain.produce("t") == "slow"
+    plain.fast = True
+    assert plain.produce("t") == "base"
+
+    with pytest.raises(TypeError, match="__slots__"):
+        produce_type(base, type.__dict__["__basicsize__"], "slow", "reject")  # a member, but not an object slot
+    with pytest.raises(TypeError, match="attribute name"):
+        produce_type(base, 3, "slow", "reject")
