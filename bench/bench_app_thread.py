@@ -38,6 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workload import mock_cluster  # noqa: E402
+
 from collector import TracedProducer, native  # noqa: E402
 
 LONG_NS = 50_000
@@ -114,8 +116,7 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,plugin,traced,nogil,gil")
     args = ap.parse_args()
     variants = args.variants.split(",")
-    cluster = confluent_kafka.Producer({"test.mock.num.brokers": 3})
-    bootstrap = ",".join(f"{b.host}:{b.port}" for b in cluster.list_topics(timeout=10).brokers.values())
+    cluster, bootstrap = mock_cluster()  # `cluster` owns the mock brokers: keep it referenced
     spool = Path(tempfile.mkdtemp(prefix="kt-bench-")) / "spool"
     for v in variants:  # warm up: topic metadata, first-use builds
         one(v, bootstrap, 20_000, spool)

@@ -22,7 +22,7 @@ import confluent_kafka
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workload import produce_all  # noqa: E402
+from workload import mock_cluster, produce_all  # noqa: E402
 
 from collector import TracedProducer, native  # noqa: E402
 
@@ -64,9 +64,7 @@ def main() -> None:
     ap.add_argument("--flush-interval", type=float, help="TraceOptions.flush_interval_s (default: its default)")
     args = ap.parse_args()
 
-    cluster = confluent_kafka.Producer({"test.mock.num.brokers": 3})
-    brokers = cluster.list_topics(timeout=10).brokers.values()
-    bootstrap = ",".join(f"{b.host}:{b.port}" for b in brokers)
+    cluster, bootstrap = mock_cluster()  # `cluster` owns the mock brokers: keep it referenced
     tmp = Path(tempfile.mkdtemp(prefix="kt-bench-"))
     sink = f"kafka://{bootstrap}/_keytrace.events" if args.sink == "kafka" else f"duckdb://{tmp / 'bench.duckdb'}"
     conf = {"bootstrap.servers": bootstrap, "linger.ms": 5}

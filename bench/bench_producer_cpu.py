@@ -32,7 +32,7 @@ import confluent_kafka
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workload import produce_all  # noqa: E402
+from workload import mock_cluster, produce_all  # noqa: E402
 
 from collector import TracedProducer, native  # noqa: E402
 
@@ -109,8 +109,7 @@ def main() -> None:
         raise SystemExit("reads /proc/self/task: Linux only")
     variants = args.variants.split(",")
 
-    cluster = confluent_kafka.Producer({"test.mock.num.brokers": 3})
-    bootstrap = ",".join(f"{b.host}:{b.port}" for b in cluster.list_topics(timeout=10).brokers.values())
+    cluster, bootstrap = mock_cluster()  # `cluster` owns the mock brokers: keep it referenced
     tmp = Path(tempfile.mkdtemp(prefix="kt-bench-cpu-"))
     sink = f"kafka://{bootstrap}/_keytrace.events"
     conf = {"bootstrap.servers": bootstrap, "linger.ms": 5}

@@ -1,9 +1,21 @@
-"""What the benchmarks share: the producer loop (keyed messages, poll(0) after each, then flush) and a percentile."""
+"""What the benchmarks share: a mock cluster, the producer loop (keyed messages, poll(0) after each, then flush), a percentile."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+import confluent_kafka
+
+
+def mock_cluster(brokers: int = 3) -> tuple[confluent_kafka.Producer, str]:
+    """librdkafka's mock cluster in this process: (the client that owns it, its bootstrap servers).
+
+    Keep the client referenced for as long as the cluster is used.
+    """
+    owner = confluent_kafka.Producer({"test.mock.num.brokers": brokers})
+    bootstrap = ",".join(f"{b.host}:{b.port}" for b in owner.list_topics(timeout=10).brokers.values())
+    return owner, bootstrap
 
 
 def produce_all(p: Any, n: int, value: bytes, keys: list[bytes], on_delivery: Callable[..., Any] | None = None) -> None:

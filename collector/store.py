@@ -40,8 +40,8 @@ log = logging.getLogger("keytrace.store")
 
 ROW_GROUP_SIZE = 16_384
 # Runs are merged FANIN at a time, FANIN runs of one size tier (within a factor FANIN of
-# each other). 4 keeps 10 million events of the bench in 7 runs for about 1.6 rewrites
-# per event; 8 rewrites about 0.9 per event but leaves 11 runs (docs/STORE.md).
+# each other). With every tier merged eagerly, 4 kept 10 million events of the bench in
+# 7 runs for about 1.6 rewrites per event and 8 in 11 runs for about 0.9 (docs/STORE.md).
 FANIN = 4
 # ingest() merges FANIN runs of one size tier as soon as they exist while the merged run
 # has at most EAGER_MERGE_MAX_ROWS: small runs (a collector's polls at low rates, an
@@ -501,10 +501,8 @@ class Store:
         merged = 0
         while True:
             runs = self.runs()
-            group = self._next_merge(runs, min(EAGER_MERGE_MAX_ROWS, AUTO_MERGE_MAX_ROWS))
-            if group is None and len(runs) > MAX_RUNS:
-                group = self._next_merge(runs, AUTO_MERGE_MAX_ROWS)
-            if group is None:
+            bound = AUTO_MERGE_MAX_ROWS if len(runs) > MAX_RUNS else min(EAGER_MERGE_MAX_ROWS, AUTO_MERGE_MAX_ROWS)
+            if (group := self._next_merge(runs, bound)) is None:
                 break
             self._merge(group)
             merged += sum(rows for run, rows in runs if run in group)
