@@ -172,13 +172,27 @@ _IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd", use_threads=False)
 #   - a constant `src` and a consecutive `seq` travel in the metadata, not as columns;
 #   - columns that are null in every row are left out;
 #   - low-cardinality strings travel dictionary-encoded.
+# The native recorder's batches (collector.native.drain) also travel encoded, marked
+# "compact2" (what zstd does with these is in docs/NATIVE.md):
+#   - an integer column whose field metadata says `keytrace.enc: delta` holds each row's
+#     difference from the previous row (int32 when they all fit, else int64), starting from
+#     `keytrace.base`; a null row's difference is 0;
+#   - `key` travels as `key_len` (int32 lengths, null for a null key) and `key_data` (the
+#     keys' bytes back to back, in the first row).
 # `from_ipc` turns it back into the store's form, so nothing past it sees the difference.
 META_WIRE = b"keytrace.wire"
 META_SRC = b"keytrace.src"
 META_SEQ_LO = b"keytrace.seq_lo"
 WIRE_COMPACT = b"compact"
+WIRE_ENCODED = b"compact2"
+META_ENC = b"keytrace.enc"
+META_BASE = b"keytrace.base"
+ENC_DELTA = b"delta"
 _DICT_COLUMNS = frozenset({"kind", "client_id", "topic", "error_name", "group_id", "member_id"})
 _EVENT_TYPES = {f.name: f.type for f in EVENTS}
+# Columns that only the encoded wire form has, standing for `key`.
+_KEY_PARTS = ("key_len", "key_data")
+_DELTA_TYPES = {pa.int32(): np.int32, pa.int64(): np.int64}
 
 
 def to_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -207,19 +221,35 @@ def to_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
     return wire_batch(columns, n, src=src_id, seq_lo=seq_lo)
 
 
-def wire_batch(columns: dict[str, pa.Array], n: int, *, src: int | None, seq_lo: int | None) -> pa.RecordBatch:
+def wire_batch(
+    columns: dict[str, pa.Array], n: int, *, src: int | None, seq_lo: int | None, bases: dict[str, int] | None = None
+) -> pa.RecordBatch:
     """A batch in the compact wire form from its columns (by name, any order; absent ones are all null).
 
     With `src` and `seq_lo`, rows have the event ids (src, seq_lo), (src, seq_lo + 1), ...,
     carried in the metadata; without them, `src` and `seq` are among the columns.
+    `bases` names the delta-encoded columns, with their bases; `key_len` and `key_data`
+    may stand for `key`. Either makes it the encoded form ("compact2").
     """
+    bases = bases or {}
     meta = dict(EVENTS.metadata)
-    meta[META_WIRE] = WIRE_COMPACT
+    encoded = bool(bases) or any(name in columns for name in _KEY_PARTS)
+    meta[META_WIRE] = WIRE_ENCODED if encoded else WIRE_COMPACT
     if src is not None:
         meta[META_SRC] = str(src).encode()
     if seq_lo is not None:
         meta[META_SEQ_LO] = str(seq_lo).encode()
-    fields = [pa.field(f.name, columns[f.name].type, f.nullable) for f in EVENTS if f.name in columns]
+    names: list[str] = []
+    for f in EVENTS:
+        if f.name == "key" and "key" not in columns:
+            names.extend(k for k in _KEY_PARTS if k in columns)
+        elif f.name in columns:
+            names.append(f.name)
+    fields = []
+    for name in names:
+        nullable = name == "key_len" or name not in _EVENT_TYPES or EVENTS.field(name).nullable
+        field_meta = {META_ENC: ENC_DELTA, META_BASE: str(bases[name]).encode()} if name in bases else None
+        fields.append(pa.field(name, columns[name].type, nullable, metadata=field_meta))
     if not fields:
         raise BatchError("a batch needs at least one column")
     arrays = [columns[f.name] for f in fields]
@@ -229,16 +259,142 @@ def wire_batch(columns: dict[str, pa.Array], n: int, *, src: int | None, seq_lo:
 
 
 def slice_batch(batch: pa.RecordBatch, offset: int, length: int) -> pa.RecordBatch:
-    """batch.slice(), keeping a wire-form batch's ids right (its first seq moves with the offset)."""
-    part = batch.slice(offset, length)
+    """batch.slice(), keeping a wire-form batch's ids and encoded columns right.
+
+    The first seq moves with the offset, a delta column's base becomes the value just
+    before the slice, and `key_data` keeps only the slice's keys.
+    """
+    return _slices(batch, [offset], length)[0]
+
+
+def split_batch(batch: pa.RecordBatch, rows: int) -> list[pa.RecordBatch]:
+    """The batch in slices of at most `rows` rows (as slice_batch makes them, in one pass)."""
+    n = batch.num_rows
+    return [batch] if n <= rows else _slices(batch, list(range(0, n, rows)), rows)
+
+
+def _slices(batch: pa.RecordBatch, starts: list[int], length: int) -> list[pa.RecordBatch]:
     meta = batch.schema.metadata or {}
-    if offset and is_wire(batch) and META_SEQ_LO in meta:
-        part = part.replace_schema_metadata({**meta, META_SEQ_LO: str(int(meta[META_SEQ_LO]) + offset).encode()})
-    return part
+    if not is_wire(batch):
+        return [batch.slice(start, length) for start in starts]
+    if meta.get(META_WIRE) != WIRE_ENCODED:
+        return [_move_seq(batch.slice(start, length), meta, start) for start in starts]
+    # Running sums, once: a slice's base is the value just before it, its keys a part of the bytes.
+    sums: dict[str, np.ndarray] = {}
+    for f, col in zip(batch.schema, batch.columns, strict=True):
+        if (f.metadata or {}).get(META_ENC) == ENC_DELTA:
+            sums[f.name] = np.concatenate(([0], np.cumsum(_delta_values(col), dtype=np.int64)))
+    if "key_len" in batch.schema.names and "key_data" in batch.schema.names:
+        key_ends = np.concatenate(([0], np.cumsum(_key_lengths(batch.column("key_len")), dtype=np.int64)))
+        key_bytes = _blob_bytes(batch.column("key_data"))
+    out = []
+    for start in starts:
+        part = batch.slice(start, length)
+        if not start and len(part) == batch.num_rows:
+            out.append(part)
+            continue
+        fields, arrays = [], []
+        for f, col in zip(part.schema, part.columns, strict=True):
+            if f.name in sums:
+                base = (int(f.metadata[META_BASE]) + int(sums[f.name][start]) + 2**63) % 2**64 - 2**63
+                f = f.with_metadata({**f.metadata, META_BASE: str(base).encode()})
+            elif f.name == "key_data" and "key_len" in part.schema.names:
+                first, last = int(key_ends[start]), int(key_ends[start + len(part)])
+                col = _blob(key_bytes.slice(first, last - first), len(part))
+            fields.append(f)
+            arrays.append(col)
+        out.append(_move_seq(pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=meta)), meta, start))
+    return out
+
+
+def _move_seq(part: pa.RecordBatch, meta: dict, start: int) -> pa.RecordBatch:
+    if not start or META_SEQ_LO not in meta:
+        return part
+    return part.replace_schema_metadata({**meta, META_SEQ_LO: str(int(meta[META_SEQ_LO]) + start).encode()})
 
 
 def is_wire(batch: pa.RecordBatch) -> bool:
-    return (batch.schema.metadata or {}).get(META_WIRE) == WIRE_COMPACT
+    return (batch.schema.metadata or {}).get(META_WIRE) in (WIRE_COMPACT, WIRE_ENCODED)
+
+
+def _delta_values(col: pa.Array) -> np.ndarray:
+    """The differences stored in a delta column (its nulls' slots included), as numpy, without a copy."""
+    dtype = _DELTA_TYPES.get(col.type)
+    if dtype is None:
+        raise BatchError(f"a delta-encoded column must be int32 or int64, not {col.type}")
+    return np.frombuffer(col.buffers()[1], dtype=dtype, count=len(col), offset=col.offset * np.dtype(dtype).itemsize)
+
+
+def _key_lengths(col: pa.Array) -> np.ndarray:
+    if col.type != pa.int32():
+        raise BatchError(f"key_len must be int32, not {col.type}")
+    lens = np.frombuffer(col.buffers()[1], dtype=np.int32, count=len(col), offset=col.offset * 4)
+    if col.null_count:
+        lens = np.where(col.is_valid().to_numpy(zero_copy_only=False), lens, 0)
+    if len(lens) and lens.min() < 0:
+        raise BatchError("negative key length")
+    return lens
+
+
+def _blob_bytes(col: pa.Array) -> pa.Buffer:
+    """Every byte of a binary column's rows, back to back."""
+    if col.type != pa.binary():
+        raise BatchError(f"key_data must be binary, not {col.type}")
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32, count=len(col) + 1, offset=col.offset * 4)
+    data = col.buffers()[2]
+    return (data if data is not None else pa.py_buffer(b"")).slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+
+
+def _blob(data: pa.Buffer, n: int) -> pa.Array:
+    """A binary column of n rows whose first row holds all of `data` (the others are empty)."""
+    offsets = np.full(n + 1, data.size, dtype=np.int32)
+    offsets[0] = 0
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), data])
+
+
+def _validity(col: pa.Array) -> pa.Buffer | None:
+    """A validity bitmap for col's rows that starts at bit 0 (None without nulls)."""
+    if not col.null_count:
+        return None
+    return col.buffers()[0] if col.offset == 0 else col.is_valid().buffers()[1]
+
+
+def _decode(batch: pa.RecordBatch) -> dict[str, pa.Array]:
+    """The columns of an encoded ("compact2") batch, decoded, by name."""
+    out: dict[str, pa.Array] = {}
+    n = batch.num_rows
+    for f, col in zip(batch.schema, batch.columns, strict=True):
+        enc = (f.metadata or {}).get(META_ENC)
+        if enc is None:
+            out[f.name] = col
+            continue
+        typ = _EVENT_TYPES.get(f.name)
+        if enc != ENC_DELTA or typ is None or not (pa.types.is_integer(typ) or pa.types.is_timestamp(typ)):
+            raise BatchError(f"column {f.name}: unknown encoding {enc!r}")
+        values = np.cumsum(_delta_values(col), dtype=np.int64)
+        values += np.int64(int(f.metadata.get(META_BASE, b"0")))
+        physical = pa.int64() if pa.types.is_timestamp(typ) else typ
+        if physical != pa.int64():
+            values = values.astype(physical.to_pandas_dtype())
+        out[f.name] = pa.Array.from_buffers(typ, n, [_validity(col), pa.py_buffer(values)], null_count=col.null_count)
+    if "key_len" in out or "key_data" in out:
+        if "key_len" not in out or "key_data" not in out or "key" in out:
+            raise BatchError("key_len and key_data travel together, instead of key")
+        lens_col = out.pop("key_len")
+        data = _blob_bytes(out.pop("key_data"))
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(_key_lengths(lens_col), out=offsets[1:])
+        if offsets[-1] != data.size:
+            raise BatchError(f"key_len adds up to {offsets[-1]} bytes, key_data has {data.size}")
+        if offsets[-1] > np.iinfo(np.int32).max:
+            raise BatchError("more than 2 GiB of keys in one batch")
+        out["key"] = pa.Array.from_buffers(
+            pa.binary(),
+            n,
+            [_validity(lens_col), pa.py_buffer(offsets.astype(np.int32)), data],
+            null_count=lens_col.null_count,
+        )
+    return out
 
 
 def _u64(text: bytes, count: int) -> int:
@@ -256,15 +412,20 @@ def from_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
     meta = batch.schema.metadata
     if meta.get(META_TABLE) != b"events":
         raise BatchError("only events batches travel in the compact wire form")
-    unknown = [name for name in batch.schema.names if name not in _EVENT_TYPES]
-    if unknown or len(set(batch.schema.names)) != len(batch.schema.names):
-        raise BatchError(f"unknown or repeated columns in a compact events batch: {unknown or batch.schema.names}")
+    names = batch.schema.names
+    allowed = _EVENT_TYPES.keys() | (set(_KEY_PARTS) if meta.get(META_WIRE) == WIRE_ENCODED else set())
+    unknown = [name for name in names if name not in allowed]
+    if unknown or len(set(names)) != len(names):
+        raise BatchError(f"unknown or repeated columns in a compact events batch: {unknown or names}")
     n = batch.num_rows
     arrays = []
     try:
+        columns = (
+            _decode(batch) if meta.get(META_WIRE) == WIRE_ENCODED else dict(zip(names, batch.columns, strict=True))
+        )
         for f in EVENTS:
-            if f.name in batch.schema.names:
-                col = batch.column(f.name)
+            if f.name in columns:
+                col = columns[f.name]
                 if pa.types.is_dictionary(col.type):
                     col = col.dictionary_decode()
                 arrays.append(col)

@@ -237,7 +237,7 @@ class Tracer:
         if batch is None:
             return []
         self.events_recorded += n
-        return [schema.slice_batch(batch, i, MAX_BATCH_ROWS) for i in range(0, n, MAX_BATCH_ROWS)]
+        return schema.split_batch(batch, MAX_BATCH_ROWS)
 
     def _seqs(self, n: int) -> pa.Array:
         first = next(self._seq)
@@ -557,8 +557,8 @@ class Shipper:
         pieces = -(-len(payload) * 5 // (MAX_PAYLOAD_BYTES * 4))  # aim 20% under the limit
         step = max(1, -(-batch.num_rows // pieces))
         out: list[bytes] = []
-        for i in range(0, batch.num_rows, step):
-            out.extend(self._encode(schema.slice_batch(batch, i, step)))
+        for part in schema.split_batch(batch, step):
+            out.extend(self._encode(part))
         return out
 
     def _to_spool(self, payload: bytes, tracer: Tracer | None) -> None:

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from collector import schema
 from collector.native import build
 
-_ABI = 2
+_ABI = 3
 _MIN_LIBRDKAFKA = 0x02000000
 SOURCE_PROPERTY = "keytrace.src"
 MAX_RECORDS_PROPERTY = "keytrace.max.records"
@@ -95,6 +94,9 @@ class _Columns(ctypes.Structure):
         ("buf", (_Span * 3) * _NCOLS),
         ("ntopics", ctypes.c_uint64),
         ("topic_offsets", _Span),
+        ("base", ctypes.c_int64 * _NCOLS),
+        ("width", ctypes.c_int64 * _NCOLS),
+        ("key_data_offsets", _Span),
     ]
 
 
@@ -206,6 +208,7 @@ def _load() -> _Plugin:
     lib.kt_forget.argtypes = [ctypes.c_uint64]
     lib.kt_free.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
     lib.kt_free.restype = None
+    lib.kt_stash_bounds.argtypes = [ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32)]
     table = (ctypes.c_void_p * len(_API))(*(ctypes.cast(getattr(rdk, name), ctypes.c_void_p).value for name in _API))
     if lib.kt_bind(table, len(_API)) != 0:
         raise NativeUnavailable("kt_bind rejected the librdkafka function table")
@@ -312,6 +315,18 @@ def status(src: int) -> Status | None:
     return Status(out.recorded, out.dropped, out.n, out.live)
 
 
+def stashed_bounds() -> tuple[int, int] | None:
+    """(max_records, max_key_bytes) of the buffers kept from the last freed client, or None.
+
+    The next client created with the same bounds takes them over (empty, their pages
+    already resident) instead of allocating its own.
+    """
+    records, arena = ctypes.c_uint32(), ctypes.c_uint32()
+    with _lock:
+        full = _plugin().lib.kt_stash_bounds(ctypes.byref(records), ctypes.byref(arena))
+    return (records.value, arena.value) if full else None
+
+
 def forget(src: int) -> None:
     """Release the buffers of ``src`` once its clients are destroyed; drain it first."""
     with _lock:
@@ -334,6 +349,9 @@ class _Block:
 _KINDS = pa.array([schema.SEND, schema.ACK, schema.ERROR, schema.CONSUME], pa.string())
 # Physical types of the columns that the plugin writes as dictionary indices.
 _INDEX_TYPES = {"kind": pa.int8(), "topic": pa.int16()}
+# Columns that the plugin writes as differences from the previous row (kt_encode_delta), 4 or 8 bytes wide.
+_DELTA_COLUMNS = frozenset({"ts", "offset", "latency_us", "msg_ts_ms"})
+_WIDTHS = {4: pa.int32(), 8: pa.int64()}
 
 
 def drain(
@@ -350,8 +368,9 @@ def drain(
     Rows get ``seq`` values ``first_seq, first_seq + 1, ...``; the caller advances its own
     counter by ``num_rows``. ``client_id``, ``group_id`` and ``member_id`` fill every row.
     The conversion runs in C without the GIL; the batch's buffers are its own (no copy).
-    With ``wire=True`` the batch is in the compact wire form (``schema.to_wire``) that
-    ``schema.to_ipc`` ships as it is; otherwise it is in the store's form.
+    With ``wire=True`` the batch is in the encoded wire form ("compact2", see
+    ``collector/schema.py``) that ``schema.to_ipc`` ships as it is; otherwise it is decoded
+    into the store's form (``schema.from_wire``).
     """
     lib = _plugin().lib
     out = _Columns()
@@ -361,55 +380,43 @@ def drain(
         return None
     n = out.n
     block = pa.foreign_buffer(out.block, out.block_len, base=_Block(out.block, out.block_len, lib.kt_free))
-    topics = pa.Array.from_buffers(
-        pa.string(),
-        out.ntopics,
-        [
-            None,
-            block.slice(out.topic_offsets.off, out.topic_offsets.len),
-            block.slice(out.buf[3][2].off, out.buf[3][2].len),
-        ],
-    )
+
+    def buffer(span: _Span) -> pa.Buffer:
+        return block.slice(span.off, span.len)
+
+    topics = pa.Array.from_buffers(pa.string(), out.ntopics, [None, buffer(out.topic_offsets), buffer(out.buf[3][2])])
     columns: dict[str, pa.Array] = {}
+    bases: dict[str, int] = {}
     for c, name in enumerate(_NATIVE_COLUMNS):
         spans = out.buf[c]
         nulls = out.null_count[c]
-        if wire and (nulls == n or name == "seq"):
+        if nulls == n or name == "seq":
             continue
-        validity = block.slice(spans[0].off, spans[0].len) if nulls else None
-        buffers = [validity, block.slice(spans[1].off, spans[1].len)]
+        validity = buffer(spans[0]) if nulls else None
+        buffers = [validity, buffer(spans[1])]
         if name in _INDEX_TYPES:
             indices = pa.Array.from_buffers(_INDEX_TYPES[name], n, buffers, null_count=nulls)
-            arr = pa.DictionaryArray.from_arrays(indices, _KINDS if name == "kind" else topics)
-            columns[name] = arr if wire else arr.dictionary_decode()
-            continue
-        typ = schema.EVENTS.field(name).type
-        if pa.types.is_string(typ) or pa.types.is_binary(typ):
-            buffers.append(block.slice(spans[2].off, spans[2].len))
-        columns[name] = pa.Array.from_buffers(typ, n, buffers, null_count=nulls)
-    if wire:
-        for name, value in (("client_id", client_id), ("group_id", group_id), ("member_id", member_id)):
-            if value is not None:
-                columns[name] = pa.DictionaryArray.from_arrays(
-                    pa.Array.from_buffers(pa.int8(), n, [None, pa.py_buffer(bytes(n))]), pa.array([value])
-                )
-        return schema.wire_batch(columns, n, src=src, seq_lo=first_seq)
-    columns["src"] = pa.Array.from_buffers(pa.uint64(), n, [None, pa.py_buffer(src.to_bytes(8, "little") * n)])
-    columns["client_id"] = _constant(client_id, n)
-    columns["group_id"] = _constant(group_id, n)
-    columns["member_id"] = _constant(member_id, n)
-    return pa.RecordBatch.from_arrays(
-        [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in schema.EVENTS], schema=schema.EVENTS
-    )
-
-
-def _constant(value: str | None, n: int) -> pa.Array:
-    # Built from buffers: pa.scalar() would import pandas on first use, holding the GIL for a while.
-    if value is None:
-        return pa.nulls(n, pa.string())
-    data = value.encode()
-    offsets = np.arange(0, (n + 1) * len(data), len(data), dtype=np.int32) if data else np.zeros(n + 1, np.int32)
-    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data * n)])
+            columns[name] = pa.DictionaryArray.from_arrays(indices, _KINDS if name == "kind" else topics)
+        elif name in _DELTA_COLUMNS:
+            columns[name] = pa.Array.from_buffers(_WIDTHS[out.width[c]], n, buffers, null_count=nulls)
+            bases[name] = out.base[c]
+        elif name == "key":
+            columns["key_len"] = pa.Array.from_buffers(pa.int32(), n, buffers, null_count=nulls)
+            columns["key_data"] = pa.Array.from_buffers(
+                pa.binary(), n, [None, buffer(out.key_data_offsets), buffer(spans[2])]
+            )
+        else:
+            typ = schema.EVENTS.field(name).type
+            if pa.types.is_string(typ) or pa.types.is_binary(typ):
+                buffers.append(buffer(spans[2]))
+            columns[name] = pa.Array.from_buffers(typ, n, buffers, null_count=nulls)
+    for name, value in (("client_id", client_id), ("group_id", group_id), ("member_id", member_id)):
+        if value is not None:
+            columns[name] = pa.DictionaryArray.from_arrays(
+                pa.Array.from_buffers(pa.int8(), n, [None, pa.py_buffer(bytes(n))]), pa.array([value])
+            )
+    batch = schema.wire_batch(columns, n, src=src, seq_lo=first_seq, bases=bases)
+    return batch if wire else schema.from_wire(batch)
 
 
 __all__ = [
@@ -420,6 +427,7 @@ __all__ = [
     "drain",
     "forget",
     "plugin_path",
+    "stashed_bounds",
     "status",
     "unavailable_reason",
 ]

@@ -23,7 +23,7 @@
 #include <string.h>
 #include <time.h>
 
-#define KT_ABI 2
+#define KT_ABI 3
 #define KT_EXPORT __attribute__((visibility("default")))
 
 typedef struct rd_kafka_s rd_kafka_t;
@@ -282,15 +282,85 @@ static void prefault(kt_buf *b, uint64_t recs, uint64_t arena, const kt_inst *in
     }
 }
 
+/*
+ * The lane buffers of the last freed instance, kept for the next one with the same
+ * bounds: their written pages stay resident, so a client that replaces another (a
+ * producer per job, per test, per request) does not pay the page faults again.
+ * Only pages that were written are resident; at most one instance's set is kept.
+ */
+static pthread_mutex_t stash_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    int full;
+    uint32_t max_records, max_arena;
+    kt_buf bufs[KT_LANES][2];
+} stash;
+
+static void buf_release(kt_buf *b) {
+    free(b->recs);
+    free(b->arena);
+    b->recs = NULL, b->arena = NULL;
+}
+
+/* Give the instance's buffers to the stash, in place of what it held; called when the instance is freed. */
+static void bufs_put(kt_inst *in) {
+    int i, l, complete = 1, had = 0;
+    kt_buf old[KT_LANES][2];
+    for (l = 0; l < KT_LANES; l++)
+        for (i = 0; i < 2; i++)
+            complete &= in->lanes[l].bufs[i].recs && in->lanes[l].bufs[i].arena;
+    if (!complete) { /* a failed creation */
+        for (l = 0; l < KT_LANES; l++)
+            for (i = 0; i < 2; i++)
+                buf_release(&in->lanes[l].bufs[i]);
+        return;
+    }
+    pthread_mutex_lock(&stash_mu);
+    if ((had = stash.full))
+        memcpy(old, stash.bufs, sizeof(old));
+    stash.full = 1;
+    stash.max_records = in->max_records, stash.max_arena = in->max_arena;
+    for (l = 0; l < KT_LANES; l++)
+        for (i = 0; i < 2; i++)
+            stash.bufs[l][i] = in->lanes[l].bufs[i];
+    pthread_mutex_unlock(&stash_mu);
+    if (had) /* the most recently freed client is the likelier match for the next one */
+        for (l = 0; l < KT_LANES; l++)
+            for (i = 0; i < 2; i++)
+                buf_release(&old[l][i]);
+}
+
+/* Take the stashed buffers if they fit these bounds; 0 if there are none. */
+static int bufs_take(kt_inst *in) {
+    int i, l, got = 0;
+    kt_buf old[KT_LANES][2];
+    pthread_mutex_lock(&stash_mu);
+    if (stash.full && stash.max_records == in->max_records && stash.max_arena == in->max_arena) {
+        for (l = 0; l < KT_LANES; l++)
+            for (i = 0; i < 2; i++) {
+                kt_buf *b = &in->lanes[l].bufs[i];
+                *b = stash.bufs[l][i];
+                b->n = 0, b->arena_len = 0, b->err_name_len = 0, b->err_msg_len = 0;
+            }
+        stash.full = 0, got = 1;
+    } else if (stash.full) { /* bounds changed: the stash would never be used again by this one */
+        memcpy(old, stash.bufs, sizeof(old));
+        stash.full = 0, got = -1;
+    }
+    pthread_mutex_unlock(&stash_mu);
+    if (got < 0) {
+        for (l = 0; l < KT_LANES; l++)
+            for (i = 0; i < 2; i++)
+                buf_release(&old[l][i]);
+        got = 0;
+    }
+    return got;
+}
+
 static void inst_free(kt_inst *in) {
     int i, l;
-    for (l = 0; l < KT_LANES; l++) {
-        for (i = 0; i < 2; i++) {
-            free(in->lanes[l].bufs[i].recs);
-            free(in->lanes[l].bufs[i].arena);
-        }
+    bufs_put(in);
+    for (l = 0; l < KT_LANES; l++)
         pthread_mutex_destroy(&in->lanes[l].mu);
-    }
     for (i = 0; i < in->ntopics; i++)
         free(in->topics[i]);
     pthread_mutex_destroy(&in->topics_mu);
@@ -345,17 +415,18 @@ static kt_inst *inst_acquire(const kt_conf *kc) {
         lane->last_topic = -1;
     }
     /* Untouched pages of these allocations are never made resident. */
-    for (l = 0; l < KT_LANES; l++)
-        for (i = 0; i < 2; i++) {
-            kt_buf *b = &in->lanes[l].bufs[i];
-            b->recs = malloc((size_t)in->max_records * sizeof(kt_rec));
-            b->arena = malloc(in->max_arena ? in->max_arena : 1);
-            if (!b->recs || !b->arena) {
-                inst_free(in);
-                goto fail;
+    if (!bufs_take(in))
+        for (l = 0; l < KT_LANES; l++)
+            for (i = 0; i < 2; i++) {
+                kt_buf *b = &in->lanes[l].bufs[i];
+                b->recs = malloc((size_t)in->max_records * sizeof(kt_rec));
+                b->arena = malloc(in->max_arena ? in->max_arena : 1);
+                if (!b->recs || !b->arena) {
+                    inst_free(in);
+                    goto fail;
+                }
+                prefault(b, KT_PREFAULT_RECORDS, KT_PREFAULT_ARENA, in);
             }
-            prefault(b, KT_PREFAULT_RECORDS, KT_PREFAULT_ARENA, in);
-        }
     in->live = 1;
     in->next = registry;
     registry = in;
@@ -529,6 +600,12 @@ typedef struct {
        names, which follow: ntopics + 1 int32 offsets, then the characters (buf[C_TOPIC][2]). */
     uint64_t ntopics;
     kt_span topic_offsets;
+    /* The wire encoding (see encode_delta): ts, offset, latency and msg_ts hold differences
+       from the previous row, of width[c] bytes, starting from base[c]. key holds int32
+       lengths; its bytes are all in the first row of a binary column with key_data_offsets. */
+    int64_t base[KT_NCOLS];
+    int64_t width[KT_NCOLS];
+    kt_span key_data_offsets;
 } kt_columns;
 
 
@@ -576,6 +653,41 @@ static uint64_t popcount(const uint8_t *bits, uint64_t n) {
 
 static void set_bit(uint8_t *bits, uint64_t i) { bits[i >> 3] |= (uint8_t)(1u << (i & 7)); }
 
+/*
+ * The wire encoding of ts, offset, latency and msg_ts: each row holds its difference from
+ * the previous row's value, starting from `base`, the first valid value (0 if there is
+ * none). A null row counts as repeating the previous value: its difference is 0.
+ * Timestamps, offsets and latencies of consecutive events are close, so the differences
+ * are small and repetitive: zstd compresses them in about half the time of the raw
+ * values, to a fraction of the size. When every difference of a column fits in 32 bits,
+ * the column is narrowed to int32. Decoding is a running sum (collector.schema.from_wire).
+ */
+typedef struct {
+    int64_t base, prev;
+    int have, fits;
+} kt_delta;
+
+static inline int64_t delta_of(kt_delta *d, int64_t v) {
+    int64_t x;
+    if (!d->have)
+        d->have = 1, d->base = d->prev = v;
+    x = (int64_t)((uint64_t)v - (uint64_t)d->prev);
+    d->prev = v;
+    d->fits &= x >= INT32_MIN && x <= INT32_MAX;
+    return x;
+}
+
+/* Narrow n int64 values to int32 in place, when they all fit; returns the width in bytes. */
+static int narrow(int64_t *v, uint64_t n, const kt_delta *d) {
+    uint64_t i;
+    if (!d->fits)
+        return 8;
+    /* Forward: the int32 written at byte 4i never reaches an int64 not yet read, at byte 8j, j > i. */
+    for (i = 0; i < n; i++)
+        ((int32_t *)v)[i] = (int32_t)v[i];
+    return 4;
+}
+
 /* Swap out src's buffers under their locks; the drained records stay ours until the next drain. */
 static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *ntopics) {
     int l;
@@ -614,7 +726,7 @@ static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *n
  * then counted as dropped), 0 otherwise (out->n may be 0).
  */
 KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out) {
-    static const int widths[KT_NCOLS] = {8, 8, 1, 2, 4, 8, 4, 4, 2, 8, 8, 4, 4, 0, 4};
+    static const int widths[KT_NCOLS] = {0, 8, 1, 2, 4, 8, 4, 4, 2, 8, 8, 4, 4, 0, 4};
     static const int has_data[KT_NCOLS] = {[C_KEY] = 1, [C_ERR_NAME] = 1, [C_ERR_MESSAGE] = 1};
     kt_inst *in;
     kt_buf *bs[KT_LANES] = {NULL};
@@ -623,6 +735,7 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
     uint32_t tlen[KT_MAX_TOPICS];
     uint8_t *blk;
 
+    (void)first_seq; /* ids travel in the batch's metadata (collector.native.drain) */
     memset(out, 0, sizeof(*out));
     in = swap_out(src, bs, out, &ntopics);
     if (!in)
@@ -659,6 +772,9 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
             PLACE(c, 2, data_len[c]);
     }
     PLACE(C_TOPIC, 2, data_len[C_TOPIC]);
+    out->key_data_offsets.off = pos;
+    out->key_data_offsets.len = 4 * (n + 1);
+    pos += (out->key_data_offsets.len + 63) & ~(uint64_t)63;
     out->topic_offsets.off = pos;
     out->topic_offsets.len = 4 * ((uint64_t)ntopics + 1);
     pos += (out->topic_offsets.len + 63) & ~(uint64_t)63;
@@ -685,18 +801,19 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
 #define COL(c, T) ((T *)(blk + out->buf[c][1].off))
 #define BITS(c) (blk + out->buf[c][0].off)
 #define DATA(c) ((char *)blk + out->buf[c][2].off)
-        uint64_t *seq = COL(C_SEQ, uint64_t);
         int64_t *ts = COL(C_TS, int64_t), *offset = COL(C_OFFSET, int64_t), *latency = COL(C_LATENCY, int64_t);
         int64_t *msg_ts = COL(C_MSG_TS, int64_t);
         int8_t *kind = COL(C_KIND, int8_t);
         int16_t *topic = COL(C_TOPIC, int16_t);
-        int32_t *key_o = COL(C_KEY, int32_t), *topic_o = (int32_t *)(blk + out->topic_offsets.off);
+        int32_t *key_len = COL(C_KEY, int32_t), *topic_o = (int32_t *)(blk + out->topic_offsets.off);
+        int32_t *key_data_o = (int32_t *)(blk + out->key_data_offsets.off);
         int32_t *name_o = COL(C_ERR_NAME, int32_t), *msg_o = COL(C_ERR_MESSAGE, int32_t);
         int32_t *partition = COL(C_PARTITION, int32_t), *value_size = COL(C_VALUE_SIZE, int32_t);
         int32_t *err_code = COL(C_ERR_CODE, int32_t);
         int16_t *attempt = COL(C_ATTEMPT, int16_t);
         int32_t to = 0, no = 0, mo = 0;
         uint32_t key_base = 0, j;
+        kt_delta d_ts = {0, 0, 0, 1}, d_offset = {0, 0, 0, 1}, d_latency = {0, 0, 0, 1}, d_msg_ts = {0, 0, 0, 1};
 
         /* Keys: the lanes' arenas one after the other; a record's key_off is relative to its own. */
         for (l = 0; l < KT_LANES; l++) {
@@ -718,8 +835,7 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
             size_t len;
             int is_err = r->kind == KT_ERROR;
 
-            seq[i] = first_seq + i;
-            ts[i] = r->ts_us;
+            ts[i] = delta_of(&d_ts, r->ts_us);
 
             kind[i] = (int8_t)r->kind;
             topic[i] = 0;
@@ -728,7 +844,8 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
                 set_bit(BITS(C_TOPIC), i);
             }
 
-            key_o[i] = (int32_t)(key_base + r->key_off);
+            /* Rows' keys follow each other in the lanes' arenas: their lengths are their offsets. */
+            key_len[i] = r->key_len > 0 ? r->key_len : 0;
             if (r->key_len >= 0)
                 set_bit(BITS(C_KEY), i);
 
@@ -739,7 +856,7 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
 
             offset[i] = 0;
             if ((r->kind == KT_ACK || r->kind == KT_CONSUME) && r->offset >= 0) {
-                offset[i] = r->offset;
+                offset[i] = delta_of(&d_offset, r->offset);
                 set_bit(BITS(C_OFFSET), i);
             }
 
@@ -759,7 +876,7 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
             /* A send's message timestamp is its own creation time, which ts already holds to the us. */
             msg_ts[i] = 0;
             if (r->kind != KT_SEND && MSG_TS_PLAUSIBLE(r->msg_ts_ms)) {
-                msg_ts[i] = r->msg_ts_ms;
+                msg_ts[i] = delta_of(&d_msg_ts, r->msg_ts_ms);
                 set_bit(BITS(C_MSG_TS), i);
             }
 
@@ -767,11 +884,11 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
             latency[i] = 0;
             if (r->kind == KT_CONSUME) {
                 if (MSG_TS_PLAUSIBLE(r->msg_ts_ms)) {
-                    latency[i] = r->ts_us - r->msg_ts_ms * 1000;
+                    latency[i] = delta_of(&d_latency, r->ts_us - r->msg_ts_ms * 1000);
                     set_bit(BITS(C_LATENCY), i);
                 }
             } else if (r->kind != KT_SEND && r->latency_us >= 0) {
-                latency[i] = r->latency_us;
+                latency[i] = delta_of(&d_latency, r->latency_us);
                 set_bit(BITS(C_LATENCY), i);
             }
 
@@ -789,11 +906,27 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
                 set_bit(BITS(C_ERR_RETRIABLE), i), set_bit(BITS(C_ERR_MESSAGE), i);
             }
         }
-        key_o[n] = (int32_t)key_base;
+        key_len[n] = 0;
+        key_data_o[0] = 0;
+        for (i = 1; i <= n; i++)
+            key_data_o[i] = (int32_t)key_base;
         name_o[n] = no;
         msg_o[n] = mo;
         for (c = 0; c < KT_NCOLS; c++)
             out->null_count[c] = c == C_SEQ || c == C_TS || c == C_KIND ? 0 : (int64_t)(n - popcount(BITS(c), n));
+        {
+            const struct {
+                int col;
+                int64_t *v;
+                const kt_delta *d;
+            } deltas[] = {{C_TS, ts, &d_ts}, {C_OFFSET, offset, &d_offset}, {C_LATENCY, latency, &d_latency},
+                          {C_MSG_TS, msg_ts, &d_msg_ts}};
+            for (c = 0; c < (int)(sizeof(deltas) / sizeof(*deltas)); c++) {
+                out->base[deltas[c].col] = deltas[c].d->base;
+                out->width[deltas[c].col] = narrow(deltas[c].v, n, deltas[c].d);
+                out->buf[deltas[c].col][1].len = n * (uint64_t)out->width[deltas[c].col];
+            }
+        }
 #undef COL
 #undef BITS
 #undef DATA
@@ -840,6 +973,17 @@ KT_EXPORT int kt_status(uint64_t src, kt_columns *out) {
     }
     pthread_mutex_unlock(&registry_mu);
     return in ? 0 : -1;
+}
+
+/* Bounds of the stashed lane buffers (what the next client with those bounds reuses); 0 if none. */
+KT_EXPORT int kt_stash_bounds(uint32_t *max_records, uint32_t *max_arena) {
+    int full;
+    pthread_mutex_lock(&stash_mu);
+    full = stash.full;
+    *max_records = full ? stash.max_records : 0;
+    *max_arena = full ? stash.max_arena : 0;
+    pthread_mutex_unlock(&stash_mu);
+    return full;
 }
 
 /* Free the instance once no client uses it any more (at once if none does). */

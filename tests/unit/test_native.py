@@ -18,7 +18,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from collector import native
 from collector.mockcluster import MockCluster
-from collector.schema import EVENTS, from_ipc, table_of, to_ipc
+from collector.schema import EVENTS, META_WIRE, WIRE_ENCODED, from_ipc, table_of, to_ipc
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native plugin: {native.unavailable_reason()}")
 
@@ -108,6 +108,65 @@ def test_every_send_and_ack_with_odd_keys(mock_cluster: MockCluster, mock_topic:
     assert native.drain(src) is None
     status = native.status(src)
     assert status is not None and (status.recorded, status.dropped, status.buffered) == (12, 0, 0)
+
+
+def test_drains_travel_encoded_and_far_apart_values_stay_64_bit(
+    mock_cluster: MockCluster, mock_topic: str, src: int
+) -> None:
+    p = confluent_kafka.Producer(native.configure({"bootstrap.servers": mock_cluster.bootstrap_servers}, src))
+    # Message timestamps 25 years apart: their differences (and those of the consumer's
+    # end-to-end latencies) do not fit in 32 bits.
+    stamps = [978_307_200_000, 1_790_000_000_000, 978_307_200_123, 1_790_000_000_456]
+    for i, stamp in enumerate(stamps):
+        p.produce(mock_topic, b"v", f"k{i}".encode(), partition=0, timestamp=stamp)
+    assert p.flush(10) == 0
+    wire = native.drain(src, first_seq=7, client_id="c", wire=True)
+    assert wire is not None and wire.schema.metadata[META_WIRE] == WIRE_ENCODED
+    assert wire.schema.field("ts").type == pa.int32()  # microseconds apart
+    assert "key" not in wire.schema.names and wire.column("key_len").to_pylist() == [2] * 8
+    (back,) = from_ipc(to_ipc(wire))
+    back.validate(full=True)
+    events = back.to_pylist()
+    assert [e["seq"] for e in events] == list(range(7, 15))
+    acks = {e["key"]: e for e in events if e["kind"] == "ack"}
+    sends = [e for e in events if e["kind"] == "send"]
+    assert [e["key"] for e in sends] == [b"k0", b"k1", b"k2", b"k3"] and len(acks) == 4
+    assert all(s["ts"] <= acks[s["key"]]["ts"] for s in sends)
+    assert [acks[f"k{i}".encode()]["offset"] for i in range(4)] == sorted(e["offset"] for e in acks.values())
+
+    consumer_src = next(_srcs)
+    conf = {
+        "bootstrap.servers": mock_cluster.bootstrap_servers,
+        "group.id": f"g64-{mock_topic}",
+        "auto.offset.reset": "earliest",
+    }
+    try:
+        c = confluent_kafka.Consumer(native.configure(conf, consumer_src))
+        c.subscribe([mock_topic])
+        got = 0
+        deadline = time.monotonic() + 15
+        while got < 4 and time.monotonic() < deadline:
+            m = c.poll(0.2)
+            got += m is not None and not m.error()
+        c.close()
+        assert got == 4
+        wire = native.drain(consumer_src, wire=True)
+        assert wire is not None
+        assert wire.schema.field("msg_ts_ms").type == pa.int64() and wire.schema.field("latency_us").type == pa.int64()
+        (back,) = from_ipc(to_ipc(wire))
+        consumed = {e["key"]: e for e in back.to_pylist()}
+        assert {k: e["msg_ts_ms"] for k, e in consumed.items()} == {f"k{i}".encode(): t for i, t in enumerate(stamps)}
+        for e in consumed.values():
+            now_us = e["ts"].timestamp() * 1e6
+            assert abs(e["latency_us"] - (now_us - e["msg_ts_ms"] * 1000)) < 2
+    finally:
+        native.forget(consumer_src)
+
+    # The store's form of a drain is what from_wire makes of the wire form.
+    p.produce(mock_topic, b"v", b"again")
+    assert p.flush(10) == 0
+    again = native.drain(src, first_seq=15)
+    assert again is not None and again.schema == EVENTS and [e["key"] for e in rows(again)] == [b"again"] * 2
 
 
 def test_delivery_failures_are_errors(src: int) -> None:
@@ -271,6 +330,46 @@ def test_forget_waits_for_the_client_to_be_destroyed(mock_cluster: MockCluster, 
     assert native.drain(src) is None
     del p
     assert native.status(src) is None
+
+
+def test_a_new_client_takes_over_a_freed_clients_buffers_empty(
+    mock_cluster: MockCluster, mock_topic: str, src: int
+) -> None:
+    # Bounds no other test uses, so that what is stashed can only be this test's.
+    bounds = {"max_records": 5_000, "max_key_bytes": 70_000}
+    conf = {"bootstrap.servers": mock_cluster.bootstrap_servers}
+    old = next(_srcs)
+    try:
+        p = confluent_kafka.Producer(native.configure(conf, old, **bounds))
+        for i in range(50):
+            p.produce(mock_topic, b"v", f"old{i}".encode())
+        assert p.flush(10) == 0
+        native.forget(old)  # 100 events left undrained on purpose
+        del p
+    finally:
+        native.forget(old)
+    assert native.stashed_bounds() == (5_000, 70_000)
+    q = confluent_kafka.Producer(native.configure(conf, src, **bounds))
+    assert native.stashed_bounds() != (5_000, 70_000)  # taken over
+    for i in range(3):
+        q.produce(mock_topic, b"v", f"new{i}".encode())
+    assert q.flush(10) == 0
+    status = native.status(src)
+    assert status is not None and (status.recorded, status.dropped, status.buffered) == (6, 0, 6)
+    got = rows(native.drain(src))
+    assert sorted(e["key"] for e in got if e["kind"] == "send") == [b"new0", b"new1", b"new2"]
+    assert sorted(e["key"] for e in got if e["kind"] == "ack") == [b"new0", b"new1", b"new2"]
+    native.forget(src)
+    del q
+    assert native.stashed_bounds() == (5_000, 70_000)
+    # A client with other bounds cannot use them: they are freed, not kept forever.
+    third = next(_srcs)
+    try:
+        r = confluent_kafka.Producer(native.configure(conf, third, max_records=4_000))
+        assert native.stashed_bounds() != (5_000, 70_000)
+        del r
+    finally:
+        native.forget(third)
 
 
 def test_draining_while_producing_loses_nothing(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:

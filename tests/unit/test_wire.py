@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from collector.schema import (
@@ -11,10 +12,12 @@ from collector.schema import (
     META_SEQ_LO,
     META_SRC,
     META_WIRE,
+    WIRE_ENCODED,
     BatchError,
     from_ipc,
     is_wire,
     slice_batch,
+    split_batch,
     to_ipc,
     to_wire,
     wire_batch,
@@ -62,10 +65,7 @@ def test_events_travel_compact_and_come_back_identical() -> None:
 
 def test_store_form_batches_are_still_accepted() -> None:
     batch = events(10)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as w:
-        w.write_batch(batch)
-    (back,) = from_ipc(sink.getvalue().to_pybytes())
+    (back,) = from_ipc(raw_ipc(batch))
     assert back.equals(batch)
 
 
@@ -88,6 +88,14 @@ def test_a_batch_whose_ids_do_not_fit_the_metadata_keeps_them_as_columns() -> No
     assert back.column("seq").equals(seq)
 
 
+def raw_ipc(batch: pa.RecordBatch) -> bytes:
+    """An IPC stream of the batch exactly as it is: no wire form, no compression."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
 def wire_with(meta: dict[bytes, bytes] | None = None, **columns: pa.Array) -> bytes:
     base = to_wire(events(4))
     arrays = {name: base.column(name) for name in base.schema.names}
@@ -95,10 +103,7 @@ def wire_with(meta: dict[bytes, bytes] | None = None, **columns: pa.Array) -> by
     schema_meta = {**base.schema.metadata, **(meta or {})}
     batch = pa.RecordBatch.from_arrays(list(arrays.values()), names=list(arrays))
     batch = batch.replace_schema_metadata(schema_meta)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as w:
-        w.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    return raw_ipc(batch)
 
 
 @pytest.mark.parametrize(
@@ -132,3 +137,133 @@ def test_wire_batch_needs_a_column_and_equal_lengths() -> None:
     with pytest.raises(BatchError):
         wire_batch({"ts": pa.array([1, 2], pa.int64()), "kind": pa.array(["send"])}, 2, src=1, seq_lo=1)
     assert META_WIRE in wire_batch({"kind": pa.array(["send"])}, 1, src=1, seq_lo=1).schema.metadata
+
+
+# The encoded form ("compact2") that the native recorder ships. `encode` is a reference
+# encoder in numpy, written from the description in collector/schema.py; the plugin's C
+# encoder is checked against it in tests/unit/test_native.py.
+DELTA_COLUMNS = ("ts", "offset", "latency_us", "msg_ts_ms")
+
+
+def encode(batch: pa.RecordBatch, force64: bool = False) -> pa.RecordBatch:
+    wire = to_wire(batch)
+    columns = {name: wire.column(name) for name in wire.schema.names}
+    bases = {}
+    for name in DELTA_COLUMNS:
+        if name not in columns:
+            continue
+        col = columns[name]
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        raw = col.cast(pa.int64()).fill_null(0).to_numpy()
+        plain = raw.copy()
+        first = np.flatnonzero(valid)
+        base = int(raw[first[0]]) if len(first) else 0
+        prev = base
+        for i in range(len(plain)):  # a null repeats the previous value
+            plain[i] = raw[i] if valid[i] else prev
+            prev = plain[i]
+        diffs = np.diff(plain, prepend=np.int64(base))
+        fits = not force64 and diffs.min() >= -(2**31) and diffs.max() < 2**31
+        bases[name] = base
+        columns[name] = pa.Array.from_buffers(
+            pa.int32() if fits else pa.int64(),
+            len(col),
+            [col.buffers()[0] if col.null_count else None, pa.py_buffer(diffs.astype(np.int32 if fits else np.int64))],
+            null_count=col.null_count,
+        )
+    key = columns.pop("key")
+    lengths = pc.binary_length(key).fill_null(0).cast(pa.int32())
+    columns["key_len"] = pa.Array.from_buffers(
+        pa.int32(), len(key), [key.buffers()[0] if key.null_count else None, lengths.buffers()[1]], key.null_count
+    )
+    data = b"".join(k for k in key.to_pylist() if k)
+    columns["key_data"] = pa.array([data] + [b""] * (len(key) - 1), pa.binary())
+    meta = wire.schema.metadata
+    return wire_batch(columns, len(key), src=int(meta[META_SRC]), seq_lo=int(meta[META_SEQ_LO]), bases=bases)
+
+
+def timed_events(n: int) -> pa.RecordBatch:
+    """events(n) with message timestamps and latencies, some far apart (64-bit differences), and null keys."""
+    batch = events(n)
+    rng = np.random.default_rng(7)
+    msg_ts = np.where(np.arange(n) % 7 == 0, 978_307_200_000, 1_790_000_000_000 + np.arange(n))
+    latency = rng.integers(0, 5_000_000, n)
+    kinds = batch.column("kind").to_pylist()
+    extra = {
+        "msg_ts_ms": pa.array(
+            [None if k == "send" else int(v) for k, v in zip(kinds, msg_ts, strict=True)], pa.int64()
+        ),
+        "latency_us": pa.array(
+            [None if k == "send" else int(v) for k, v in zip(kinds, latency, strict=True)], pa.int64()
+        ),
+        "key": pa.array(
+            [None if i % 11 == 5 else b"" if i % 13 == 0 else k for i, k in enumerate(batch.column("key").to_pylist())],
+            pa.binary(),
+        ),
+    }
+    for name, arr in extra.items():
+        batch = batch.set_column(EVENTS.get_field_index(name), EVENTS.field(name), arr)
+    return batch
+
+
+@pytest.mark.parametrize("force64", [False, True], ids=["narrowed", "int64"])
+def test_encoded_batches_come_back_identical_whole_and_sliced(force64: bool) -> None:
+    batch = timed_events(1001)
+    enc = encode(batch, force64)
+    assert enc.schema.metadata[META_WIRE] == WIRE_ENCODED and "key" not in enc.schema.names
+    # Small differences were narrowed; the message timestamps jump by 25 years, so stay 64-bit.
+    assert enc.schema.field("ts").type == (pa.int64() if force64 else pa.int32())
+    assert enc.schema.field("msg_ts_ms").type == pa.int64()
+    (back,) = from_ipc(to_ipc(enc))
+    assert back.equals(batch)
+    for offset, length in [(0, 10), (1, 1), (40, 25), (500, 1000), (1000, 1)]:
+        (part,) = from_ipc(to_ipc(slice_batch(enc, offset, length)))
+        assert part.equals(batch.slice(offset, length)), (offset, length)
+    parts = split_batch(enc, 97)
+    assert [p.num_rows for p in parts] == [97] * 10 + [31]
+    assert pa.concat_batches([from_ipc(to_ipc(p))[0] for p in parts]).equals(batch)
+
+
+def test_encoding_makes_the_payload_smaller() -> None:
+    batch = timed_events(5000)
+    assert len(to_ipc(encode(batch))) < 0.8 * len(to_ipc(batch))
+
+
+def encoded_with(**columns: pa.Array | None) -> bytes:
+    enc = encode(events(4))
+    arrays = {name: enc.column(name) for name in enc.schema.names}
+    fields = {f.name: f for f in enc.schema}
+    for name, arr in columns.items():
+        if arr is None:
+            del arrays[name], fields[name]
+        else:
+            arrays[name] = arr
+            fields[name] = fields.get(name, pa.field(name, arr.type)).with_type(arr.type)
+    batch = pa.RecordBatch.from_arrays(
+        list(arrays.values()), schema=pa.schema(list(fields.values()), enc.schema.metadata)
+    )
+    return raw_ipc(batch)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (lambda: encoded_with(key_len=pa.array([1, 2, 3, 4], pa.int32())), "adds up"),
+        (lambda: encoded_with(key_len=pa.array([-1, 2, 3, 4], pa.int32())), "negative"),
+        (lambda: encoded_with(key_data=None), "together"),
+        (lambda: encoded_with(key_len=pa.array([1, 2, 3, 4], pa.int64())), "int32"),
+        (lambda: encoded_with(ts=pa.array([1.0, 2.0, 3.0, 4.0])), "int32 or int64"),
+    ],
+    ids=["key bytes missing", "negative length", "key_len alone", "key_len not int32", "delta of floats"],
+)
+def test_a_malformed_encoded_batch_is_refused_with_a_reason(payload, reason: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(BatchError, match=reason):
+        from_ipc(payload())
+
+
+def test_an_unknown_encoding_is_refused() -> None:
+    enc = encode(events(4))
+    f = enc.schema.field("ts")
+    odd = enc.schema.set(enc.schema.get_field_index("ts"), f.with_metadata({b"keytrace.enc": b"rle"}))
+    with pytest.raises(BatchError, match="unknown encoding"):
+        from_ipc(raw_ipc(pa.RecordBatch.from_arrays(enc.columns, schema=odd)))
