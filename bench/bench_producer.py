@@ -27,32 +27,49 @@ from workload import mock_cluster, produce_all  # noqa: E402
 from collector import TracedProducer, native  # noqa: E402
 
 
+class Client:
+    """One producer (plain or traced) and the count of its delivery reports."""
+
+    def __init__(self, cls: type, conf: dict, per_message_cb: bool, **kw: object) -> None:
+        self.delivered = 0
+        self.per_message_cb = per_message_cb
+        conf = dict(conf)
+        if not per_message_cb:
+            conf["on_delivery"] = self.on_delivery
+        self.producer = cls(conf, **kw)
+
+    def on_delivery(self, err: object, msg: object) -> None:
+        self.delivered += 1
+
+    def round(self, n: int, value: bytes, keys: list[bytes]) -> tuple[float, float]:
+        """Produce n messages and flush: (messages per wall-clock second, per CPU second of this process)."""
+        before = self.delivered
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        produce_all(self.producer, n, value, keys, self.on_delivery if self.per_message_cb else None)
+        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        if self.delivered - before != n:
+            raise SystemExit(f"{type(self.producer).__name__}: {self.delivered - before} of {n} delivery reports")
+        return n / elapsed, n / cpu
+
+    def close(self) -> None:
+        if isinstance(self.producer, TracedProducer):
+            status = self.producer.trace_status()
+            self.producer.close()
+            if status["dropped"] or status["internal_errors"]:
+                raise SystemExit(f"tracing lost events: {status}")
+
+
 def run(
     cls: type, conf: dict, n: int, value: bytes, keys: list[bytes], per_message_cb: bool, **kw: object
 ) -> tuple[float, float]:
-    """(messages per wall-clock second, messages per CPU second of this whole process)."""
-    delivered = [0]
-
-    def on_delivery(err: object, msg: object) -> None:
-        delivered[0] += 1
-
-    conf = dict(conf)
-    if not per_message_cb:
-        conf["on_delivery"] = on_delivery
-    p = cls(conf, **kw)
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    produce_all(p, n, value, keys, on_delivery if per_message_cb else None)
-    elapsed = time.perf_counter() - t0
-    cpu = time.process_time() - c0
-    if delivered[0] != n:
-        raise SystemExit(f"{cls.__name__}: {delivered[0]} of {n} delivery reports")
-    if isinstance(p, TracedProducer):
-        status = p.trace_status()
-        p.close()
-        if status["dropped"] or status["internal_errors"]:
-            raise SystemExit(f"tracing lost events: {status}")
-    return n / elapsed, n / cpu
+    """One round on a new client, closed after it."""
+    client = Client(cls, conf, per_message_cb, **kw)
+    try:
+        return client.round(n, value, keys)
+    finally:
+        client.close()
 
 
 def main() -> None:
@@ -62,6 +79,12 @@ def main() -> None:
     ap.add_argument("--sink", choices=["kafka", "duckdb"], default="kafka")
     ap.add_argument("--per-message-callback", action="store_true", help="pass on_delivery to every produce()")
     ap.add_argument("--flush-interval", type=float, help="TraceOptions.flush_interval_s (default: its default)")
+    ap.add_argument(
+        "--long-lived",
+        action="store_true",
+        help="one plain and one traced producer for all rounds, as an application keeps them, "
+        "instead of a new pair per round (whose start-up and close then fall in or next to the timed part)",
+    )
     args = ap.parse_args()
 
     cluster, bootstrap = mock_cluster()  # `cluster` owns the mock brokers: keep it referenced
@@ -77,9 +100,25 @@ def main() -> None:
 
     run(confluent_kafka.Producer, conf, 20_000, value, keys, args.per_message_callback)  # warm up topic/metadata
     ratios, cpu_ratios, plain_rates, traced_rates = [], [], [], []
+    clients = None
+    if args.long_lived:
+        clients = (
+            Client(confluent_kafka.Producer, conf, args.per_message_callback),
+            Client(TracedProducer, conf, args.per_message_callback, **opts),
+        )
+        for c in clients:  # warm up each client: topic metadata, connections, the shipper's first pass
+            c.round(20_000, value, keys)
     for r in range(args.rounds):
-        plain, plain_cpu = run(confluent_kafka.Producer, conf, args.messages, value, keys, args.per_message_callback)
-        traced, traced_cpu = run(TracedProducer, conf, args.messages, value, keys, args.per_message_callback, **opts)
+        if clients is not None:
+            plain, plain_cpu = clients[0].round(args.messages, value, keys)
+            traced, traced_cpu = clients[1].round(args.messages, value, keys)
+        else:
+            plain, plain_cpu = run(
+                confluent_kafka.Producer, conf, args.messages, value, keys, args.per_message_callback
+            )
+            traced, traced_cpu = run(
+                TracedProducer, conf, args.messages, value, keys, args.per_message_callback, **opts
+            )
         plain_rates.append(plain)
         traced_rates.append(traced)
         ratios.append(traced / plain)
@@ -88,8 +127,12 @@ def main() -> None:
             f"round {r + 1}: plain {plain:,.0f} msg/s  traced {traced:,.0f} msg/s  ratio {traced / plain:.3f}  "
             f"(per CPU-second: {traced_cpu / plain_cpu:.3f})"
         )
+    if clients is not None:
+        for c in clients:
+            c.close()
     print(
         f"\nmessages/round={args.messages} sink={args.sink} per_message_callback={args.per_message_callback} "
+        f"clients={'long-lived' if clients is not None else 'new per round'} "
         f"recorder={'native' if native.available() and os.environ.get('KEYTRACE_NATIVE', '1') != '0' else 'python'}\n"
         f"plain  median {statistics.median(plain_rates):,.0f} msg/s\n"
         f"traced median {statistics.median(traced_rates):,.0f} msg/s\n"

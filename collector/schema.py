@@ -279,27 +279,36 @@ def _slices(batch: pa.RecordBatch, starts: list[int], length: int) -> list[pa.Re
         return [batch.slice(start, length) for start in starts]
     if meta.get(META_WIRE) != WIRE_ENCODED:
         return [_move_seq(batch.slice(start, length), meta, start) for start in starts]
-    # Running sums, once: a slice's base is the value just before it, its keys a part of the bytes.
-    sums: dict[str, np.ndarray] = {}
+    # A slice's base is the value just before it, its keys a part of the bytes: sums of the
+    # rows before each slice, piece by piece (numpy sums in small buffered chunks, no copy).
+    n = batch.num_rows
+    bounds = sorted({0, n, *(min(n, s) for s in starts), *(min(n, s + length) for s in starts)})
+    sums: dict[str, dict[int, int]] = {}
+    values: dict[str, np.ndarray] = {}
     for f, col in zip(batch.schema, batch.columns, strict=True):
         if (f.metadata or {}).get(META_ENC) == ENC_DELTA:
-            sums[f.name] = np.concatenate(([0], np.cumsum(_delta_values(col), dtype=np.int64)))
+            values[f.name] = _delta_values(col)
     if "key_len" in batch.schema.names and "key_data" in batch.schema.names:
-        key_ends = np.concatenate(([0], np.cumsum(_key_lengths(batch.column("key_len")), dtype=np.int64)))
+        values["key_data"] = _key_lengths(batch.column("key_len"))
         key_bytes = _blob_bytes(batch.column("key_data"))
+    for name, v in values.items():
+        total, sums[name] = 0, {0: 0}
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            total += int(v[lo:hi].sum(dtype=np.int64))
+            sums[name][hi] = total
     out = []
     for start in starts:
         part = batch.slice(start, length)
-        if not start and len(part) == batch.num_rows:
+        if not start and len(part) == n:
             out.append(part)
             continue
         fields, arrays = [], []
         for f, col in zip(part.schema, part.columns, strict=True):
-            if f.name in sums:
-                base = (int(f.metadata[META_BASE]) + int(sums[f.name][start]) + 2**63) % 2**64 - 2**63
+            if f.name in sums and f.name != "key_data":
+                base = (int(f.metadata[META_BASE]) + sums[f.name][start] + 2**63) % 2**64 - 2**63
                 f = f.with_metadata({**f.metadata, META_BASE: str(base).encode()})
-            elif f.name == "key_data" and "key_len" in part.schema.names:
-                first, last = int(key_ends[start]), int(key_ends[start + len(part)])
+            elif f.name == "key_data" and "key_data" in sums:
+                first, last = sums["key_data"][start], sums["key_data"][start + len(part)]
                 col = _blob(key_bytes.slice(first, last - first), len(part))
             fields.append(f)
             arrays.append(col)
