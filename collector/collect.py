@@ -24,6 +24,9 @@ from collector.store import IDLE_MERGE_MAX_ROWS
 
 log = logging.getLogger("keytrace.collect")
 
+# A poll's records are stored in groups of about this many events (see Collector.step).
+INGEST_GROUP_ROWS = 2_097_152
+
 # (source "topic/partition@offset", value, its batches) and (source, reason, value).
 Record = tuple[str, bytes, list[pa.RecordBatch]]
 DeadLetter = tuple[str, str, bytes]
@@ -80,10 +83,14 @@ class Collector:
         consumer_conf: dict[str, Any] | None = None,
         max_records: int = 500,
         idle_merge_max_rows: int | None = IDLE_MERGE_MAX_ROWS,
+        group_rows: int = INGEST_GROUP_ROWS,
     ) -> None:
         self.store = store
         self.topic = topic
         self.max_records = max_records
+        # A poll's records are decoded and stored in groups of about this many events, so
+        # that a backlog of dense records (up to 50,000 events each) is never all in memory.
+        self.group_rows = group_rows
         # When a poll comes back empty, merge runs of the store (one merge of at most this
         # many rows per empty poll), so lookups stay fast; None turns it off.
         self.idle_merge_max_rows = idle_merge_max_rows
@@ -110,15 +117,21 @@ class Collector:
         self._stop = threading.Event()
 
     def step(self, timeout: float = 0.5) -> int:
-        """Consume up to max_records, store them, then commit. Returns rows stored."""
+        """Consume up to max_records, store them, then commit. Returns rows stored.
+
+        Records are stored in groups of about `group_rows` events. Offsets are committed only
+        after the last group is stored; if a group fails, the poll is read again, and the
+        groups already stored are skipped by event id.
+        """
         msgs = self.consumer.consume(self.max_records, timeout)
         if not msgs:
             self._idle_merge()
             return 0
         records: list[Record] = []
-        dead: list[DeadLetter] = []
         commit: dict[tuple[str, int], int] = {}
         first: dict[tuple[str, int], int] = {}
+        rows = pending = 0
+        dead: list[DeadLetter] = []
         for m in msgs:
             if m.error() is not None:
                 if m.error().code() != confluent_kafka.KafkaError._PARTITION_EOF:
@@ -141,6 +154,21 @@ class Collector:
                 dead.append((source, "no record batch in the Arrow stream (truncated after its schema?)", value))
                 continue
             records.append((source, value, parsed))
+            pending += sum(b.num_rows for b in parsed)
+            if pending >= self.group_rows:
+                rows += self._store_group(records, dead, first)
+                records, dead, pending = [], [], 0
+        rows += self._store_group(records, dead, first)
+        self.stats.last_ingest_at = time.time()
+        if commit:
+            self.consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in commit.items()],
+                asynchronous=False,
+            )
+        return rows
+
+    def _store_group(self, records: list[Record], dead: list[DeadLetter], first: dict[tuple[str, int], int]) -> int:
+        """Store one group of records and its dead letters; on failure rewind the poll and raise."""
         batches = sum(len(parsed) for _, _, parsed in records)
         try:
             # Ingest is idempotent and dead letters are not: store first, so a retry after a
@@ -161,12 +189,6 @@ class Collector:
         self.stats.dead_letters += len(dead)
         self.stats.batches += batches
         self.stats.rows += rows
-        self.stats.last_ingest_at = time.time()
-        if commit:
-            self.consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in commit.items()],
-                asynchronous=False,
-            )
         return rows
 
     def _idle_merge(self) -> None:

@@ -523,3 +523,56 @@ def test_collect_refuses_a_store_it_cannot_write(
     assert done.stdout == ""
     assert done.stderr.startswith(f"keytrace: cannot open {db}: ") and cause in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- large polls ---------------------------------------------------------------------------------
+
+
+def test_a_poll_is_stored_in_groups_and_a_failed_group_is_read_again(
+    mock_cluster: MockCluster, events_topic: str, data_topic: str, group: str, tmp_path: Path
+) -> None:
+    """A poll of many dense records is stored a group at a time, never all decoded at once.
+
+    The store fails once, on the second group (a fault made with a wrapper around
+    Store.ingest, since a disk that fails on the second of two writes cannot be arranged
+    otherwise): nothing is committed, the poll is read again, and the first group, already
+    stored, is not stored twice.
+    """
+    servers = mock_cluster.bootstrap_servers
+    producer = traced(servers, events_topic)
+    keys: list[bytes] = []
+    for r in range(8):  # a flush per round: about one record of 100 sends and 100 acks each
+        batch = [f"group-{r}-{i}".encode() for i in range(100)]
+        send_round(producer, data_topic, batch)
+        keys += batch
+    producer.close()
+
+    db = tmp_path / "trace.duckdb"
+    calls: list[int] = []
+    with Store(db) as store:
+        ingest = store.ingest
+
+        def flaky_ingest(batches: list[pa.RecordBatch]) -> int:
+            calls.append(sum(b.num_rows for b in batches))
+            if len(calls) == 2:
+                raise OSError("No space left on device (injected on the second group)")
+            return ingest(batches)
+
+        store.ingest = flaky_ingest  # type: ignore[method-assign]
+        collector = Collector(store, servers, events_topic, group_id=group, group_rows=300)
+        failures = 0
+        try:
+            deadline = time.monotonic() + 120
+            while store.counts().get("ack", 0) < len(keys):
+                assert time.monotonic() < deadline, f"collector stalled: {collector.stats}"
+                try:
+                    collector.step(0.2)
+                except OSError:
+                    failures += 1
+        finally:
+            collector.close()
+    assert failures == 1 and collector.stats.store_errors == 1
+    # Groups close once they hold 300 events or more: no call stored the whole poll at once.
+    assert len(calls) > 3 and max(calls) < 300 + 400, calls
+    assert_exactly_once(db, keys)
+    assert committed(servers, group, events_topic), "the records were acknowledged once all were stored"
