@@ -473,10 +473,17 @@ def from_ipc(data: bytes) -> list[pa.RecordBatch]:
     """Parse an Arrow IPC stream into batches in the store's form; raises BatchError on anything malformed."""
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data))
-        batches = [from_wire(b) for b in reader]
+        batches = []
+        for b in reader:
+            # Reading a stream checks its framing, not its contents: offsets past the data or
+            # dictionary indices out of range would make the decoding read out of bounds.
+            b.validate(full=True)
+            batches.append(from_wire(b))
     except BatchError:
         raise
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, ValueError) as exc:
+    # Any of these from a stream of bytes off the network means the bytes are bad, not the
+    # program: corrupt framing, an unknown dictionary id, an integer type Arrow has no name for.
+    except (pa.ArrowException, OSError, ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:
         raise BatchError(f"not an Arrow IPC stream: {exc}") from exc
     for b in batches:
         table_of(b)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -267,3 +269,27 @@ def test_an_unknown_encoding_is_refused() -> None:
     odd = enc.schema.set(enc.schema.get_field_index("ts"), f.with_metadata({b"keytrace.enc": b"rle"}))
     with pytest.raises(BatchError, match="unknown encoding"):
         from_ipc(raw_ipc(pa.RecordBatch.from_arrays(enc.columns, schema=odd)))
+
+
+@pytest.mark.parametrize("form", ["compact", "compact2"])
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain IPC", "zstd IPC"])
+def test_corrupted_payloads_are_refused_never_crash(form: str, compressed: bool) -> None:
+    """A payload with a few random bytes changed either still parses or is refused with a BatchError.
+
+    Before from_ipc validated what it read, some of these crashed the process (a dictionary
+    decode reading out of bounds) or raised errors the collector did not expect.
+    """
+    batch = encode(timed_events(300)) if form == "compact2" else to_wire(timed_events(300))
+    good = to_ipc(batch) if compressed else raw_ipc(batch)
+    rng = random.Random(11)
+    refused = 0
+    for _ in range(1500):
+        bad = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            bad[rng.randrange(len(bad))] = rng.randrange(256)
+        try:
+            for b in from_ipc(bytes(bad)):
+                b.validate(full=True)
+        except BatchError:
+            refused += 1
+    assert refused > 100  # most changes land somewhere that matters
