@@ -301,14 +301,21 @@ static void buf_release(kt_buf *b) {
     b->recs = NULL, b->arena = NULL;
 }
 
+/* Resident memory a stash may hold: a client that was busier than this frees its buffers at the end. */
+#define KT_STASH_MAX_BYTES (64u << 20)
+
 /* Give the instance's buffers to the stash, in place of what it held; called when the instance is freed. */
 static void bufs_put(kt_inst *in) {
     int i, l, complete = 1, had = 0;
+    uint64_t resident = 0;
     kt_buf old[KT_LANES][2];
     for (l = 0; l < KT_LANES; l++)
-        for (i = 0; i < 2; i++)
-            complete &= in->lanes[l].bufs[i].recs && in->lanes[l].bufs[i].arena;
-    if (!complete) { /* a failed creation */
+        for (i = 0; i < 2; i++) {
+            const kt_buf *b = &in->lanes[l].bufs[i];
+            complete &= b->recs && b->arena;
+            resident += (uint64_t)b->touched_recs * sizeof(kt_rec) + b->touched_arena;
+        }
+    if (!complete || resident > KT_STASH_MAX_BYTES) { /* a failed creation, or too much to hold on to */
         for (l = 0; l < KT_LANES; l++)
             for (i = 0; i < 2; i++)
                 buf_release(&in->lanes[l].bufs[i]);

@@ -372,6 +372,23 @@ def test_a_new_client_takes_over_a_freed_clients_buffers_empty(
         native.forget(third)
 
 
+def test_a_busy_clients_buffers_are_freed_not_kept(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
+    # 600 keys of 64 KiB: about 38 MiB of keys per lane, and the drain writes twice that
+    # ahead, so the client's buffers hold more than the 64 MiB a stash may keep.
+    bounds = {"max_records": 5_001, "max_key_bytes": 96 << 20}
+    conf = {"bootstrap.servers": mock_cluster.bootstrap_servers, "message.max.bytes": 1_000_000}
+    p = confluent_kafka.Producer(native.configure(conf, src, **bounds))
+    for i in range(600):
+        p.produce(mock_topic, b"v", i.to_bytes(2, "big") * 32_768)
+    assert p.flush(30) == 0
+    batch = native.drain(src, wire=True)
+    assert batch is not None and batch.num_rows == 1_200
+    del batch
+    native.forget(src)
+    del p
+    assert native.stashed_bounds() != (5_001, 96 << 20)
+
+
 def test_draining_while_producing_loses_nothing(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
     batches: list[pa.RecordBatch] = []
     stop = threading.Event()
