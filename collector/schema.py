@@ -477,7 +477,10 @@ def from_ipc(data: bytes) -> list[pa.RecordBatch]:
         for b in reader:
             # Reading a stream checks its framing, not its contents: offsets past the data or
             # dictionary indices out of range would make the decoding read out of bounds.
-            b.validate(full=True)
+            try:
+                b.validate(full=True)
+            except pa.ArrowException as exc:
+                raise BatchError(f"invalid Arrow data: {exc}") from exc
             batches.append(from_wire(b))
     except BatchError:
         raise

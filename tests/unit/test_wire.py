@@ -122,7 +122,7 @@ def wire_with(meta: dict[bytes, bytes] | None = None, **columns: pa.Array) -> by
                     pa.array([0, 1, 7, 0], pa.int8()), pa.array(["send", "ack"]), safe=False
                 )
             ),
-            "malformed|not an Arrow",
+            "malformed|not an Arrow|invalid Arrow data",
         ),
         (lambda: wire_with({b"keytrace.table": b"stats"}), "only events"),
     ],
