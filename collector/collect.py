@@ -129,7 +129,12 @@ class Collector:
             return 0
         records: list[Record] = []
         commit: dict[tuple[str, int], int] = {}
+        # Where a failed group rewinds to: the poll's first offset of every partition, found
+        # before any group is stored (a group may fail before the loop reaches a partition).
         first: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            if m.error() is None:
+                first.setdefault((m.topic(), m.partition()), m.offset())
         rows = pending = 0
         dead: list[DeadLetter] = []
         for m in msgs:
@@ -139,7 +144,6 @@ class Collector:
                     log.warning("events topic: %s", m.error().str())
                 continue
             tp = (m.topic(), m.partition())
-            first.setdefault(tp, m.offset())
             commit[tp] = m.offset() + 1
             self.stats.records += 1
             source = f"{m.topic()}/{m.partition()}@{m.offset()}"
