@@ -349,7 +349,7 @@ class _Block:
 _KINDS = pa.array([schema.SEND, schema.ACK, schema.ERROR, schema.CONSUME], pa.string())
 # Physical types of the columns that the plugin writes as dictionary indices.
 _INDEX_TYPES = {"kind": pa.int8(), "topic": pa.int16()}
-# Columns that the plugin writes as differences from the previous row (kt_encode_delta), 4 or 8 bytes wide.
+# Columns that the plugin writes as differences from the previous row (kt_delta), 4 or 8 bytes wide.
 _DELTA_COLUMNS = frozenset({"ts", "offset", "latency_us", "msg_ts_ms"})
 _WIDTHS = {4: pa.int32(), 8: pa.int64()}
 

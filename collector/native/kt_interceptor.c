@@ -607,7 +607,7 @@ typedef struct {
        names, which follow: ntopics + 1 int32 offsets, then the characters (buf[C_TOPIC][2]). */
     uint64_t ntopics;
     kt_span topic_offsets;
-    /* The wire encoding (see encode_delta): ts, offset, latency and msg_ts hold differences
+    /* The wire encoding (see kt_delta): ts, offset, latency and msg_ts hold differences
        from the previous row, of width[c] bytes, starting from base[c]. key holds int32
        lengths; its bytes are all in the first row of a binary column with key_data_offsets. */
     int64_t base[KT_NCOLS];
