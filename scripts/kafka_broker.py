@@ -145,7 +145,15 @@ def free_port() -> int:
 
 
 def random_cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A random cluster id, as Kafka's Uuid.randomUuid() makes it: never starting with "-".
+
+    kafka-storage's argument parser takes a value that starts with "-" for an option
+    ("argument --cluster-id: expected one argument"), which failed one broker start in 64.
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
 
 
 def _port_open(port: int) -> bool:

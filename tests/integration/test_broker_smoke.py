@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import time
@@ -222,3 +223,14 @@ def test_script_serves_a_broker_whose_jvm_dies_with_the_script(broker, tmp_path)
         if script.poll() is None:
             script.kill()
             script.wait(10)
+
+
+def test_cluster_ids_never_start_with_a_dash() -> None:
+    # kafka-storage reads "--cluster-id -xyz" as a missing value: that failed one broker start in 64.
+    spec = importlib.util.spec_from_file_location("kafka_broker_ids", BROKER_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ids = [script.random_cluster_id() for _ in range(5_000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == len(ids) and all(len(i) == 22 for i in ids)
