@@ -279,23 +279,27 @@ def _slices(batch: pa.RecordBatch, starts: list[int], length: int) -> list[pa.Re
         return [batch.slice(start, length) for start in starts]
     if meta.get(META_WIRE) != WIRE_ENCODED:
         return [_move_seq(batch.slice(start, length), meta, start) for start in starts]
-    # A slice's base is the value just before it, its keys a part of the bytes: sums of the
-    # rows before each slice, piece by piece (numpy sums in small buffered chunks, no copy).
+    # A slice's base is the value just before it, its keys a part of the bytes: running sums
+    # at the slices' bounds only, piece by piece (numpy sums in small buffered chunks, no copy).
     n = batch.num_rows
     bounds = sorted({0, n, *(min(n, s) for s in starts), *(min(n, s + length) for s in starts)})
-    sums: dict[str, dict[int, int]] = {}
-    values: dict[str, np.ndarray] = {}
-    for f, col in zip(batch.schema, batch.columns, strict=True):
-        if (f.metadata or {}).get(META_ENC) == ENC_DELTA:
-            values[f.name] = _delta_values(col)
-    if "key_len" in batch.schema.names and "key_data" in batch.schema.names:
-        values["key_data"] = _key_lengths(batch.column("key_len"))
-        key_bytes = _blob_bytes(batch.column("key_data"))
-    for name, v in values.items():
-        total, sums[name] = 0, {0: 0}
+
+    def sums_at_bounds(v: np.ndarray) -> dict[int, int]:
+        total, at = 0, {0: 0}
         for lo, hi in zip(bounds, bounds[1:], strict=False):
             total += int(v[lo:hi].sum(dtype=np.int64))
-            sums[name][hi] = total
+            at[hi] = total
+        return at
+
+    bases_at = {
+        f.name: sums_at_bounds(_delta_values(col))
+        for f, col in zip(batch.schema, batch.columns, strict=True)
+        if (f.metadata or {}).get(META_ENC) == ENC_DELTA
+    }
+    has_keys = "key_len" in batch.schema.names and "key_data" in batch.schema.names
+    if has_keys:
+        keys_at = sums_at_bounds(_key_lengths(batch.column("key_len")))
+        key_bytes = _blob_bytes(batch.column("key_data"))
     out = []
     for start in starts:
         part = batch.slice(start, length)
@@ -304,11 +308,11 @@ def _slices(batch: pa.RecordBatch, starts: list[int], length: int) -> list[pa.Re
             continue
         fields, arrays = [], []
         for f, col in zip(part.schema, part.columns, strict=True):
-            if f.name in sums and f.name != "key_data":
-                base = (int(f.metadata[META_BASE]) + sums[f.name][start] + 2**63) % 2**64 - 2**63
+            if f.name in bases_at:
+                base = (int(f.metadata[META_BASE]) + bases_at[f.name][start] + 2**63) % 2**64 - 2**63
                 f = f.with_metadata({**f.metadata, META_BASE: str(base).encode()})
-            elif f.name == "key_data" and "key_data" in sums:
-                first, last = sums["key_data"][start], sums["key_data"][start + len(part)]
+            elif f.name == "key_data" and has_keys:
+                first, last = keys_at[start], keys_at[start + len(part)]
                 col = _blob(key_bytes.slice(first, last - first), len(part))
             fields.append(f)
             arrays.append(col)
@@ -422,16 +426,15 @@ def from_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
     if meta.get(META_TABLE) != b"events":
         raise BatchError("only events batches travel in the compact wire form")
     names = batch.schema.names
-    allowed = _EVENT_TYPES.keys() | (set(_KEY_PARTS) if meta.get(META_WIRE) == WIRE_ENCODED else set())
+    encoded = meta.get(META_WIRE) == WIRE_ENCODED
+    allowed = _EVENT_TYPES.keys() | (set(_KEY_PARTS) if encoded else set())
     unknown = [name for name in names if name not in allowed]
     if unknown or len(set(names)) != len(names):
         raise BatchError(f"unknown or repeated columns in a compact events batch: {unknown or names}")
     n = batch.num_rows
     arrays = []
     try:
-        columns = (
-            _decode(batch) if meta.get(META_WIRE) == WIRE_ENCODED else dict(zip(names, batch.columns, strict=True))
-        )
+        columns = _decode(batch) if encoded else dict(zip(names, batch.columns, strict=True))
         for f in EVENTS:
             if f.name in columns:
                 col = columns[f.name]

@@ -203,7 +203,7 @@ def _load() -> _Plugin:
     if lib.kt_abi() != _ABI:
         raise NativeUnavailable(f"{path} does not match this keytrace version")
     lib.kt_bind.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
-    lib.kt_drain_columns.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(_Columns)]
+    lib.kt_drain_columns.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Columns)]
     lib.kt_status.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Columns)]
     lib.kt_forget.argtypes = [ctypes.c_uint64]
     lib.kt_free.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
@@ -375,7 +375,7 @@ def drain(
     lib = _plugin().lib
     out = _Columns()
     with _lock:
-        rc = lib.kt_drain_columns(src, first_seq, ctypes.byref(out))
+        rc = lib.kt_drain_columns(src, ctypes.byref(out))
     if rc != 0 or out.n == 0:
         return None
     n = out.n

@@ -732,7 +732,7 @@ static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *n
  * overlap. Returns -1 for an unknown src, -2 when out of memory (the events are
  * then counted as dropped), 0 otherwise (out->n may be 0).
  */
-KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out) {
+KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
     static const int widths[KT_NCOLS] = {0, 8, 1, 2, 4, 8, 4, 4, 2, 8, 8, 4, 4, 0, 4};
     static const int has_data[KT_NCOLS] = {[C_KEY] = 1, [C_ERR_NAME] = 1, [C_ERR_MESSAGE] = 1};
     kt_inst *in;
@@ -742,7 +742,6 @@ KT_EXPORT int kt_drain_columns(uint64_t src, uint64_t first_seq, kt_columns *out
     uint32_t tlen[KT_MAX_TOPICS];
     uint8_t *blk;
 
-    (void)first_seq; /* ids travel in the batch's metadata (collector.native.drain) */
     memset(out, 0, sizeof(*out));
     in = swap_out(src, bs, out, &ntopics);
     if (!in)
