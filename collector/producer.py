@@ -347,6 +347,13 @@ class TracedProducer(confluent_kafka.Producer):
     def flush(self, *args: Any, **kwargs: Any) -> int:
         timeout = args[0] if args else kwargs.get("timeout", -1)
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        remaining = self._kt_flush_messages(deadline, *args, **kwargs)
+        # Bounded: a slow or failing trace sink must not hold up the application's flush.
+        self._kt_tracer.flush(2.0 if deadline is None else min(2.0, max(0.1, deadline - time.monotonic())))
+        return remaining
+
+    def _kt_flush_messages(self, deadline: float | None, *args: Any, **kwargs: Any) -> int:
+        """The application's own messages (and pending resends): what Producer.flush waits for."""
         remaining = _flush(self, *args, **kwargs)
         # With the resend policy on, a flush also waits for pending resends to finish.
         while self._kt_resend and self._kt_outstanding > 0:
@@ -355,13 +362,13 @@ class TracedProducer(confluent_kafka.Producer):
                 break
             self._kt_run_due()
             remaining = _flush(self, min(0.1, left) if left is not None else 0.1)
-        # Bounded: a slow or failing trace sink must not hold up the application's flush.
-        self._kt_tracer.flush(2.0 if deadline is None else min(2.0, max(0.1, deadline - time.monotonic())))
         return remaining + (self._kt_outstanding if self._kt_resend else 0)
 
     def close(self, *args: Any, **kwargs: Any) -> Any:
-        self.flush()
+        self._kt_flush_messages(None)
         result = _close(self, *args, **kwargs) if _close is not None else True
+        # One bounded wait for the trace sink (Tracer.close ships the last events and
+        # spools whatever the sink has not confirmed by then).
         self._kt_tracer.close()
         return result
 

@@ -114,6 +114,8 @@ class KafkaSink:
                 self._done.append((token, payload, False, err.name()))
 
         try:
+            if self._producer is None:
+                raise confluent_kafka.KafkaException(confluent_kafka.KafkaError._DESTROY, "sink closed")
             self._inflight[ident] = (token, payload)
             self._producer.produce(self.topic, payload, on_delivery=report)
         except (BufferError, confluent_kafka.KafkaException) as exc:
@@ -122,12 +124,14 @@ class KafkaSink:
             self._done.append((token, payload, False, str(exc)))
 
     def poll(self) -> list[Outcome]:
-        self._producer.poll(0)
+        if self._producer is not None:
+            self._producer.poll(0)
         done, self._done = self._done, []
         return done
 
     def flush(self, timeout: float) -> list[Outcome]:
-        self._producer.flush(timeout)
+        if self._producer is not None:
+            self._producer.flush(timeout)
         return self.poll()
 
     def pending(self) -> int:
@@ -138,7 +142,26 @@ class KafkaSink:
         return list(self._inflight.values())
 
     def close(self) -> None:
-        self._producer.flush(0)
+        """Release the sink's producer: its threads and connections end now, not at some later GC.
+
+        The shipper has already waited for, or spooled, what was in flight; what is still
+        queued is purged (not sent) so that closing never waits on an unreachable cluster.
+        """
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        producer.flush(0)
+        try:
+            producer.purge(True, True, False)
+            producer.poll(0)
+        except (confluent_kafka.KafkaException, RuntimeError):  # closing anyway
+            pass
+        # The purged batches' failure reports are not news: they are spooled already.
+        self._done.clear()
+        self._inflight.clear()
+        close = getattr(producer, "close", None)  # confluent-kafka 2.13 and later
+        if close is not None:
+            close()
 
 
 def parse_sink(uri: str) -> tuple[str, str, str]:

@@ -177,12 +177,17 @@ class Tracer:
     def flush(self, timeout: float = 10.0) -> None:
         self.shipper.flush(timeout)
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 3.0) -> None:
+        """Ship this client's last events, waiting at most `timeout` s for the sink in all.
+
+        What the sink has not confirmed by then is spooled, not lost.
+        """
         if self.closed:
             return
+        deadline = time.monotonic() + timeout
         self.flush(timeout)
         self.closed = True
-        self.shipper.unregister(self)
+        self.shipper.unregister(self, max(0.0, deadline - time.monotonic()))
         if self.native:
             from collector import native
 
@@ -482,7 +487,7 @@ class Shipper:
         with self._lock:
             self._tracers.add(tracer)
 
-    def unregister(self, tracer: Tracer) -> None:
+    def unregister(self, tracer: Tracer, timeout: float = 2.0) -> None:
         """Forget a closed client; the last one out stops the shipper and releases the sink."""
         with self._lock:
             self._tracers.discard(tracer)
@@ -491,7 +496,7 @@ class Shipper:
             with Shipper._registry_lock:
                 if Shipper._registry.get(self.uri) is self:
                     del Shipper._registry[self.uri]
-            self.stop(timeout=2.0)
+            self.stop(timeout=timeout)
 
     def _run(self) -> None:
         # Encoding and shipping run at a lower priority than the application's threads,
@@ -530,6 +535,8 @@ class Shipper:
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
         with self._lock:
+            if self.stopped:  # stop() has spooled what was unfinished and closed the sink
+                return
             now = time.monotonic()
             for tracer in list(self._tracers):
                 try:
@@ -639,9 +646,10 @@ class Shipper:
                     if origin != "spool":
                         self._to_spool(payload, ref)
         finally:
-            self.stopped = True
-            self._wake.set()
-            self.sink.close()
+            with self._lock:
+                self.stopped = True
+                self._wake.set()
+                self.sink.close()
 
 
 def _flush_all_at_exit() -> None:

@@ -63,3 +63,56 @@ def test_pending_events_are_written_when_the_client_ends(mock_cluster: Any, tmp_
     assert counts.get("send") == 1, (counts, result.stderr[-2000:])
     if ending != "exit":
         assert counts.get("ack") == 1, counts
+
+
+_HANDLES = """
+import os, time
+def handles():
+    # librdkafka gives each client handle one thread named rdk:main.
+    n = 0
+    for t in os.listdir("/proc/self/task"):
+        try:
+            n += open(f"/proc/self/task/{t}/comm").read().strip() == "rdk:main"
+        except FileNotFoundError:  # a thread that just ended
+            pass
+    return n
+def settled(n, deadline=10.0):
+    end = time.monotonic() + deadline
+    while handles() != n and time.monotonic() < end:
+        time.sleep(0.05)
+    return handles()
+"""
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_close_releases_the_sinks_producer_at_once(mock_cluster: Any, tmp_path: Path, reachable: bool) -> None:
+    """After close() no librdkafka handle of the client or its Kafka sink is left running.
+
+    The client object stays referenced (as an application or a reference cycle keeps it),
+    so only close() itself can have ended the handles. An unreachable sink must not make
+    close() wait out its message timeout, and its events go to the spool.
+    """
+    servers = mock_cluster.bootstrap_servers if reachable else "127.0.0.1:1"
+    script = _HANDLES + textwrap.dedent(
+        f"""
+        from collector import TracedProducer
+        base = handles()
+        p = TracedProducer({{"bootstrap.servers": "{mock_cluster.bootstrap_servers}"}},
+                           sink="kafka://{servers}/t-sink-close", trace_options={{"spool_dir": "{tmp_path / 'spool'}"}})
+        assert settled(base + 2) == base + 2, handles()
+        for i in range(100):
+            p.produce("t-sink-close-data", b"v", b"k%d" % i)
+        p.flush(10)
+        t = time.monotonic()
+        p.close()
+        took = time.monotonic() - t
+        print(base, settled(base), round(took, 3), p.trace_status()["spooled"])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    base, after, took, spooled = result.stdout.split()
+    assert after == base, (result.stdout, result.stderr[-2000:])
+    assert float(took) < 6.0, took  # one bounded wait of 3 s for the sink (it was up to 14 s)
+    if not reachable:
+        assert int(spooled) > 0, result.stdout
