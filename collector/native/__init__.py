@@ -32,7 +32,7 @@ import pyarrow as pa
 from collector import schema
 from collector.native import build
 
-_ABI = 3
+_ABI = 4
 _MIN_LIBRDKAFKA = 0x02000000
 SOURCE_PROPERTY = "keytrace.src"
 MAX_RECORDS_PROPERTY = "keytrace.max.records"
@@ -325,6 +325,16 @@ def stashed_bounds() -> tuple[int, int] | None:
     with _lock:
         full = _plugin().lib.kt_stash_bounds(ctypes.byref(records), ctypes.byref(arena))
     return (records.value, arena.value) if full else None
+
+
+def clock() -> str:
+    """How the recorder stamps events: "tsc" (read in C, converted at each drain) or "realtime".
+
+    "tsc" where the kernel keeps time with the TSC itself (clocksource "tsc"), unless the
+    environment variable KEYTRACE_NATIVE_CLOCK=realtime was set when the plugin was loaded.
+    """
+    with _lock:
+        return "tsc" if _plugin().lib.kt_uses_tsc() else "realtime"
 
 
 def forget(src: int) -> None:

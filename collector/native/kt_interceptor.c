@@ -23,7 +23,7 @@
 #include <string.h>
 #include <time.h>
 
-#define KT_ABI 3
+#define KT_ABI 4
 #define KT_EXPORT __attribute__((visibility("default")))
 
 typedef struct rd_kafka_s rd_kafka_t;
@@ -78,9 +78,9 @@ enum { KT_SEND = 0, KT_ACK = 1, KT_ERROR = 2, KT_CONSUME = 3 };
 #define KT_MAX_TOPICS 4096
 #define KT_NAME "keytrace"
 
-/* One event. Mirrored by a numpy dtype in Python (checked with kt_record_size). */
+/* One event. */
 typedef struct {
-    int64_t ts_us;
+    int64_t ts_us; /* a TSC reading when use_tsc (converted by the drain), else wall-clock us */
     int64_t offset;
     int64_t latency_us;
     int64_t msg_ts_ms;
@@ -94,6 +94,12 @@ typedef struct {
     uint8_t pad;
 } kt_rec;
 
+/* A reading of both clocks, the TSC and the wall clock, taken together. */
+typedef struct {
+    uint64_t tsc;
+    int64_t us;
+} kt_anchor;
+
 typedef struct {
     kt_rec *recs;
     char *arena;
@@ -103,6 +109,7 @@ typedef struct {
     uint32_t touched_arena;
     uint64_t err_name_len; /* bytes of the error names and messages of this buffer's errors */
     uint64_t err_msg_len;
+    kt_anchor since; /* the clock when this buffer became the one appended to */
 } kt_buf;
 
 /*
@@ -134,6 +141,7 @@ typedef struct kt_inst {
     pthread_mutex_t topics_mu;
     char *topics[KT_MAX_TOPICS];
     volatile int ntopics;
+    volatile int topics_incomplete; /* a send's topic could not be registered (see topic_of) */
 } kt_inst;
 
 typedef struct {
@@ -154,6 +162,71 @@ static int64_t now_us(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/*
+ * Event times. Reading the wall clock costs about 31 ns here (clock_gettime through the
+ * vDSO, which itself reads the TSC, then scales it under a seqlock); reading the TSC alone
+ * about half that, and every message is stamped twice (send and acknowledgement). So
+ * where the kernel itself keeps time with the TSC (clocksource "tsc", which it only
+ * chooses for an invariant TSC synchronised across CPUs), records hold raw TSC readings,
+ * and the drain converts them to wall-clock microseconds by interpolating between two
+ * readings of both clocks: one taken when the buffer started filling, one at the drain.
+ * Elsewhere (another clocksource, another architecture) records hold wall-clock us.
+ */
+static int use_tsc;
+
+static inline uint64_t tsc_now(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    return __builtin_ia32_rdtsc();
+#else
+    return 0;
+#endif
+}
+
+static inline int64_t stamp(void) { return use_tsc ? (int64_t)tsc_now() : now_us(); }
+
+static kt_anchor anchor_now(void) {
+    kt_anchor a;
+    a.tsc = tsc_now();
+    a.us = now_us();
+    return a;
+}
+
+static int detect_tsc(void) {
+#if defined(__x86_64__)
+    char name[32] = {0};
+    FILE *f = fopen("/sys/devices/system/clocksource/clocksource0/current_clocksource", "r");
+    const char *env = getenv("KEYTRACE_NATIVE_CLOCK");
+    if (env && !strcmp(env, "realtime"))
+        return 0;
+    if (!f)
+        return 0;
+    if (!fgets(name, sizeof(name), f))
+        name[0] = 0;
+    fclose(f);
+    return !strcmp(name, "tsc\n") || !strcmp(name, "tsc");
+#else
+    return 0;
+#endif
+}
+
+/*
+ * Wall-clock us of a record's stamp, in a buffer that started filling at anchor a and was
+ * drained at b: a straight line through the two anchors. Its error is that of the anchors
+ * (the two clocks are read some tens of ns apart), however long or short the interval.
+ */
+static double us_per_tick(const kt_anchor *a, const kt_anchor *b) {
+    int64_t ticks = (int64_t)(b->tsc - a->tsc);
+    return ticks > 0 ? (double)(b->us - a->us) / (double)ticks : 0.0;
+}
+
+static inline int64_t stamp_us(int64_t t, const kt_anchor *a, double rate) {
+    double x;
+    if (!use_tsc)
+        return t;
+    x = (double)(int64_t)((uint64_t)t - a->tsc) * rate;
+    return a->us + (int64_t)(x >= 0 ? x + 0.5 : x - 0.5);
 }
 
 static int topic_find(kt_inst *in, const char *name, int from, int n) {
@@ -185,16 +258,34 @@ static int topic_index(kt_inst *in, kt_lane *lane, const rd_kafka_topic_t *rkt) 
             }
         }
         pthread_mutex_unlock(&in->topics_mu);
-        if (i < 0)
+        if (i < 0) {
+            __atomic_store_n(&in->topics_incomplete, 1, __ATOMIC_RELAXED);
             return -1;
+        }
     }
     lane->last_rkt = rkt;
     lane->last_topic = i;
     return i;
 }
 
+/*
+ * Every acknowledged message went through on_send first, which registered its topic (the
+ * message is handed from the producing thread to the broker thread through librdkafka's
+ * locked queues, so that registration is visible here). So while the client has sent to
+ * a single topic, an acknowledgement's topic is that one, without reading the topic handle
+ * (memory last touched by another thread, and the costliest part of finding the index).
+ */
+static inline int topic_of(kt_inst *in, kt_lane *lane, int kind, const rd_kafka_topic_t *rkt) {
+    if (!rkt)
+        return -1;
+    if ((kind == KT_ACK || kind == KT_ERROR) && __atomic_load_n(&in->ntopics, __ATOMIC_ACQUIRE) == 1 &&
+        !__atomic_load_n(&in->topics_incomplete, __ATOMIC_RELAXED))
+        return 0;
+    return topic_index(in, lane, rkt);
+}
+
 static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
-    int64_t ts = now_us();
+    int64_t ts = stamp();
     int64_t latency = -1, msg_ts = -1;
     int32_t key_len = m->key ? (int32_t)(m->key_len > KT_MAX_KEY ? KT_MAX_KEY : m->key_len) : -1;
     int tstype = 0;
@@ -224,7 +315,7 @@ static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
     r->partition = m->partition;
     r->err = m->err;
     r->value_len = m->payload ? (int32_t)(m->len > INT32_MAX ? INT32_MAX : m->len) : -1;
-    r->topic = (int16_t)topic_index(in, lane, m->rkt);
+    r->topic = (int16_t)topic_of(in, lane, kind, m->rkt);
     r->kind = (uint8_t)kind;
     r->pad = 0;
     if (key_len > 0) {
@@ -434,6 +525,7 @@ static kt_inst *inst_acquire(const kt_conf *kc) {
                 }
                 prefault(b, KT_PREFAULT_RECORDS, KT_PREFAULT_ARENA, in);
             }
+    in->lanes[0].bufs[0].since = in->lanes[1].bufs[0].since = anchor_now(); /* active is 0 */
     in->live = 1;
     in->next = registry;
     registry = in;
@@ -559,6 +651,9 @@ KT_EXPORT rd_kafka_resp_err_t conf_init(rd_kafka_conf_t *conf, void **plug_opaqu
 
 KT_EXPORT int kt_abi(void) { return KT_ABI; }
 
+/* 1 when records are stamped with the TSC (see use_tsc), 0 when with the wall clock. */
+KT_EXPORT int kt_uses_tsc(void) { return use_tsc; }
+
 KT_EXPORT int kt_bind(void *const *fns, int n) {
     if (n != (int)(sizeof(api) / sizeof(void *)))
         return -1;
@@ -566,6 +661,7 @@ KT_EXPORT int kt_bind(void *const *fns, int n) {
         if (!fns[i])
             return -1;
     memcpy(&api, fns, sizeof(api));
+    use_tsc = detect_tsc();
     api_bound = 1;
     return 0;
 }
@@ -696,7 +792,7 @@ static int narrow(int64_t *v, uint64_t n, const kt_delta *d) {
 }
 
 /* Swap out src's buffers under their locks; the drained records stay ours until the next drain. */
-static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *ntopics) {
+static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *ntopics, kt_anchor *ends) {
     int l;
     kt_inst *in;
     pthread_mutex_lock(&registry_mu);
@@ -708,8 +804,11 @@ static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *n
         for (l = 0; l < KT_LANES; l++) {
             kt_lane *lane = &in->lanes[l];
             pthread_mutex_lock(&lane->mu);
+            /* Taken before the swap: every record of the next buffer is stamped after it. */
+            ends[l] = anchor_now();
             drained[l] = &lane->bufs[lane->active];
             lane->active ^= 1;
+            lane->bufs[lane->active].since = ends[l];
             lane->bufs[lane->active].n = 0;
             lane->bufs[lane->active].arena_len = 0;
             lane->bufs[lane->active].err_name_len = 0;
@@ -737,15 +836,19 @@ KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
     static const int has_data[KT_NCOLS] = {[C_KEY] = 1, [C_ERR_NAME] = 1, [C_ERR_MESSAGE] = 1};
     kt_inst *in;
     kt_buf *bs[KT_LANES] = {NULL};
+    kt_anchor ends[KT_LANES];
+    double rate[KT_LANES];
     int ntopics = 0, c, l;
     uint64_t n, i, pos = 0, data_len[KT_NCOLS] = {0};
     uint32_t tlen[KT_MAX_TOPICS];
     uint8_t *blk;
 
     memset(out, 0, sizeof(*out));
-    in = swap_out(src, bs, out, &ntopics);
+    in = swap_out(src, bs, out, &ntopics, ends);
     if (!in)
         return -1;
+    for (l = 0; l < KT_LANES; l++)
+        rate[l] = us_per_tick(&bs[l]->since, &ends[l]);
     n = 0;
     for (l = 0; l < KT_LANES; l++)
         n += bs[l]->n;
@@ -840,8 +943,9 @@ KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
             const char *s;
             size_t len;
             int is_err = r->kind == KT_ERROR;
+            int64_t ts_us = stamp_us(r->ts_us, &bs[l]->since, rate[l]);
 
-            ts[i] = delta_of(&d_ts, r->ts_us);
+            ts[i] = delta_of(&d_ts, ts_us);
 
             kind[i] = (int8_t)r->kind;
             topic[i] = 0;
@@ -890,7 +994,7 @@ KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
             latency[i] = 0;
             if (r->kind == KT_CONSUME) {
                 if (MSG_TS_PLAUSIBLE(r->msg_ts_ms)) {
-                    latency[i] = delta_of(&d_latency, r->ts_us - r->msg_ts_ms * 1000);
+                    latency[i] = delta_of(&d_latency, ts_us - r->msg_ts_ms * 1000);
                     set_bit(BITS(C_LATENCY), i);
                 }
             } else if (r->kind != KT_SEND && r->latency_us >= 0) {

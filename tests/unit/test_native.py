@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -234,6 +235,96 @@ def test_two_producers_keep_separate_buffers(mock_cluster: MockCluster, mock_top
         assert len(from_b) == 14 and {e["key"][:1] for e in from_b} == {b"b"} and {e["src"] for e in from_b} == {other}
     finally:
         native.forget(other)
+
+
+def test_acks_keep_their_topic_when_a_second_topic_appears(
+    mock_cluster: MockCluster, mock_topic: str, topic_name: str, src: int
+) -> None:
+    """While a client has sent to one topic its acks are filed under it without reading the
+    topic handle; from the first send to another topic on, each ack's own topic is looked up."""
+    second = f"{topic_name}-b"
+    mock_cluster.create_topic(second, partitions=2, replication_factor=1)
+    reports: dict[bytes, str] = {}
+    conf = {
+        "bootstrap.servers": mock_cluster.bootstrap_servers,
+        "on_delivery": lambda e, m: reports.__setitem__(m.key(), m.topic()),
+    }
+    p = confluent_kafka.Producer(native.configure(conf, src))
+    for i in range(50):
+        p.produce(mock_topic, b"v", f"one-{i}".encode())
+    assert p.flush(10) == 0
+    first = rows(native.drain(src))
+    for i in range(200):  # interleaved: acks of both topics arrive in the same drains
+        p.produce(second if i % 2 else mock_topic, b"v", f"two-{i}".encode())
+    assert p.flush(10) == 0
+    later = rows(native.drain(src))
+    acks = [e for e in first + later if e["kind"] == "ack"]
+    assert len(acks) == 250 and len(reports) == 250
+    assert all(e["topic"] == reports[e["key"]] for e in acks)
+    assert {e["topic"] for e in acks} == {mock_topic, second}
+
+
+_CLOCK_CHECK = """
+import datetime, json, sys, time
+import confluent_kafka
+from collector import native
+src, servers, topic = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+p = confluent_kafka.Producer(native.configure({"bootstrap.servers": servers, "linger.ms": 2}, src))
+spans, events = [], []
+for n, pause in ((300, 0.05), (5, 0.0), (300, 0.0)):  # a drain right after another: a very short interval
+    time.sleep(pause)
+    t0 = time.time_ns() // 1000
+    for i in range(n):
+        p.produce(topic, b"v", b"k%d" % i)
+    t1 = time.time_ns() // 1000
+    p.flush(10)
+    t2 = time.time_ns() // 1000
+    rows = native.drain(src).to_pylist()
+    for e in rows:  # microseconds since the epoch, exactly
+        e["ts"] = (e["ts"] - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)) // datetime.timedelta(microseconds=1)
+    events.append(rows)
+    spans.append((t0, t1, t2))
+print(json.dumps({"clock": native.clock(), "spans": spans, "events": events}, default=str))
+"""
+
+
+@pytest.mark.parametrize("clock", ["default", "realtime"])
+def test_event_times_are_wall_clock_times_with_either_clock(
+    mock_cluster: MockCluster, mock_topic: str, src: int, clock: str
+) -> None:
+    """Sends are stamped between the wall-clock readings around produce(), acks before flush()
+    returned, and an ack's time minus its send's is librdkafka's latency: with TSC stamps
+    converted at each drain (where the kernel's clocksource is the TSC) as with wall-clock ones."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if clock == "realtime":
+        env["KEYTRACE_NATIVE_CLOCK"] = "realtime"
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLOCK_CHECK, str(src), mock_cluster.bootstrap_servers, mock_topic],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    if clock == "realtime":
+        assert out["clock"] == "realtime"
+    else:
+        assert out["clock"] == (
+            "tsc"
+            if Path("/sys/devices/system/clocksource/clocksource0/current_clocksource").read_text().strip() == "tsc"
+            else "realtime"
+        )
+    slack = 20  # us: the wall clock is read around, not exactly at, each stamp
+    for (t0, t1, t2), events in zip(out["spans"], out["events"], strict=True):
+        sends = {e["key"]: e for e in events if e["kind"] == "send"}
+        acks = [e for e in events if e["kind"] == "ack"]
+        assert len(acks) == len(sends) > 0
+        assert all(t0 - slack <= e["ts"] <= t1 + slack for e in sends.values()), (t0, t1, list(sends.values())[:3])
+        for e in acks:
+            sent = sends[e["key"]]["ts"]
+            assert sent <= e["ts"] <= t2 + slack
+            assert abs((e["ts"] - sent) - e["latency_us"]) <= 200, (e, sent)
 
 
 def test_full_buffer_drops_and_counts(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
