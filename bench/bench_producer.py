@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -70,6 +71,13 @@ def run(
         return client.round(n, value, keys)
     finally:
         client.close()
+
+
+def median_interval(values: list[float], resamples: int = 2000, seed: int = 1) -> str:
+    """A 95% bootstrap interval of the median: how far the figure could move on a rerun."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return f"{medians[int(0.025 * resamples)]:.3f}-{medians[int(0.975 * resamples) - 1]:.3f}"
 
 
 def main() -> None:
@@ -136,7 +144,8 @@ def main() -> None:
         f"recorder={'native' if native.available() and os.environ.get('KEYTRACE_NATIVE', '1') != '0' else 'python'}\n"
         f"plain  median {statistics.median(plain_rates):,.0f} msg/s\n"
         f"traced median {statistics.median(traced_rates):,.0f} msg/s\n"
-        f"ratio  median {statistics.median(ratios):.3f}  (min {min(ratios):.3f}, max {max(ratios):.3f})\n"
+        f"ratio  median {statistics.median(ratios):.3f}  (min {min(ratios):.3f}, max {max(ratios):.3f}; "
+        f"95% bootstrap interval of the median {median_interval(ratios)})\n"
         f"messages per CPU-second of the whole process (app, librdkafka, mock brokers, tracing), traced/plain: "
         f"median {statistics.median(cpu_ratios):.3f}  (min {min(cpu_ratios):.3f}, max {max(cpu_ratios):.3f})"
     )
