@@ -93,12 +93,13 @@ def test_close_releases_the_sinks_producer_at_once(mock_cluster: Any, tmp_path: 
     close() wait out its message timeout, and its events go to the spool.
     """
     servers = mock_cluster.bootstrap_servers if reachable else "127.0.0.1:1"
+    spool = tmp_path / "spool"
     script = _HANDLES + textwrap.dedent(
         f"""
         from collector import TracedProducer
         base = handles()
         p = TracedProducer({{"bootstrap.servers": "{mock_cluster.bootstrap_servers}"}},
-                           sink="kafka://{servers}/t-sink-close", trace_options={{"spool_dir": "{tmp_path / 'spool'}"}})
+                           sink="kafka://{servers}/t-sink-close", trace_options={{"spool_dir": "{spool}"}})
         assert settled(base + 2) == base + 2, handles()
         for i in range(100):
             p.produce("t-sink-close-data", b"v", b"k%d" % i)
