@@ -264,6 +264,52 @@ def test_acks_keep_their_topic_when_a_second_topic_appears(
     assert {e["topic"] for e in acks} == {mock_topic, second}
 
 
+def test_acks_keep_their_topic_while_a_second_topic_starts_under_load(
+    mock_cluster: MockCluster, mock_topic: str, topic_name: str, src: int
+) -> None:
+    """The same while two threads produce (the second topic's first sends racing the first
+    topic's acks) and a third drains all along: no ack may be filed under the wrong topic."""
+    second = f"{topic_name}-c"
+    mock_cluster.create_topic(second, partitions=3, replication_factor=1)
+    truth: dict[bytes, str] = {}
+    conf = {"bootstrap.servers": mock_cluster.bootstrap_servers, "linger.ms": 1}
+    p = confluent_kafka.Producer(native.configure(conf, src))
+    got: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def drainer() -> None:
+        while not stop.is_set():
+            got.extend(rows(native.drain(src)))
+            time.sleep(0.002)
+
+    def producer(topic: str, prefix: str, n: int, delay: float) -> None:
+        time.sleep(delay)
+        for i in range(n):
+            key = f"{prefix}-{i}".encode()
+            truth[key] = topic
+            p.produce(topic, b"v", key)
+            if i % 100 == 0:
+                p.poll(0)
+
+    threads = [
+        threading.Thread(target=drainer),
+        threading.Thread(target=producer, args=(mock_topic, "a", 20_000, 0.0)),
+        threading.Thread(target=producer, args=(second, "b", 5_000, 0.01)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads[1:]:
+        t.join()
+    assert p.flush(20) == 0
+    stop.set()
+    threads[0].join()
+    got.extend(rows(native.drain(src)))
+    acks = [e for e in got if e["kind"] == "ack"]
+    assert len(acks) == 25_000
+    wrong = [e for e in acks if e["topic"] != truth[e["key"]]]
+    assert not wrong, wrong[:3]
+
+
 _CLOCK_CHECK = """
 import datetime, json, sys, time
 import confluent_kafka
