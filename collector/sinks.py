@@ -159,7 +159,7 @@ class KafkaSink:
         # The purged batches' failure reports are not news: they are spooled already.
         self._done.clear()
         self._inflight.clear()
-        close = getattr(producer, "close", None)  # confluent-kafka 2.13 and later
+        close = getattr(producer, "close", None)  # older confluent-kafka has no Producer.close()
         if close is not None:
             close()
 
