@@ -114,6 +114,7 @@ def test_close_releases_the_sinks_producer_at_once(mock_cluster: Any, tmp_path: 
     assert result.returncode == 0, result.stderr[-3000:]
     base, after, took, spooled = result.stdout.split()
     assert after == base, (result.stdout, result.stderr[-2000:])
-    assert float(took) < 6.0, took  # one bounded wait of 3 s for the sink (it was up to 14 s)
     if not reachable:
+        # One bounded wait of 3 s for the sink, after the application's own flush (it was 9 s).
+        assert float(took) < 7.5, took
         assert int(spooled) > 0, result.stdout
