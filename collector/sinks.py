@@ -150,7 +150,6 @@ class KafkaSink:
         producer, self._producer = self._producer, None
         if producer is None:
             return
-        producer.flush(0)
         try:
             producer.purge(True, True, False)
             producer.poll(0)

@@ -177,7 +177,7 @@ static int64_t now_us(void) {
 static int use_tsc;
 
 static inline uint64_t tsc_now(void) {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
     return __builtin_ia32_rdtsc();
 #else
     return 0;
