@@ -8,6 +8,8 @@ is self-describing wherever it lands.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -175,10 +177,13 @@ _IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd", use_threads=False)
 # The native recorder's batches (collector.native.drain) also travel encoded, marked
 # "compact2" (what zstd does with these is in docs/NATIVE.md):
 #   - an integer column whose field metadata says `keytrace.enc: delta` holds each row's
-#     difference from the previous row (int32 when they all fit, else int64), starting from
-#     `keytrace.base`; a null row's difference is 0;
-#   - `key` travels as `key_len` (int32 lengths, null for a null key) and `key_data` (the
-#     keys' bytes back to back, in the first row).
+#     difference from the previous row, starting from `keytrace.base`; a null row's
+#     difference is 0. It is as narrow as int8 when all but a few differences fit: those
+#     few are stored as 0 and listed in `keytrace.patch` ("row:difference,...");
+#   - `key` travels as `key_len` (lengths, null for a null key) and `key_data` (the
+#     keys' bytes back to back, in the first row);
+#   - key_len and the other integer columns may be narrower than the store's type
+#     (partition as int8, say); they are widened back.
 # `from_ipc` turns it back into the store's form, so nothing past it sees the difference.
 META_WIRE = b"keytrace.wire"
 META_SRC = b"keytrace.src"
@@ -187,12 +192,13 @@ WIRE_COMPACT = b"compact"
 WIRE_ENCODED = b"compact2"
 META_ENC = b"keytrace.enc"
 META_BASE = b"keytrace.base"
+META_PATCH = b"keytrace.patch"
 ENC_DELTA = b"delta"
 _DICT_COLUMNS = frozenset({"kind", "client_id", "topic", "error_name", "group_id", "member_id"})
 _EVENT_TYPES = {f.name: f.type for f in EVENTS}
 # Columns that only the encoded wire form has, standing for `key`.
 _KEY_PARTS = ("key_len", "key_data")
-_DELTA_TYPES = {pa.int32(): np.int32, pa.int64(): np.int64}
+_DELTA_TYPES = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64}
 
 
 def to_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -222,16 +228,24 @@ def to_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 
 def wire_batch(
-    columns: dict[str, pa.Array], n: int, *, src: int | None, seq_lo: int | None, bases: dict[str, int] | None = None
+    columns: dict[str, pa.Array],
+    n: int,
+    *,
+    src: int | None,
+    seq_lo: int | None,
+    bases: dict[str, int] | None = None,
+    patches: dict[str, list[tuple[int, int]]] | None = None,
 ) -> pa.RecordBatch:
     """A batch in the compact wire form from its columns (by name, any order; absent ones are all null).
 
     With `src` and `seq_lo`, rows have the event ids (src, seq_lo), (src, seq_lo + 1), ...,
     carried in the metadata; without them, `src` and `seq` are among the columns.
-    `bases` names the delta-encoded columns, with their bases; `key_len` and `key_data`
-    may stand for `key`. Either makes it the encoded form ("compact2").
+    `bases` names the delta-encoded columns, with their bases, and `patches` their
+    (row, difference) pairs stored as 0; `key_len` and `key_data` may stand for `key`.
+    Either makes it the encoded form ("compact2").
     """
     bases = bases or {}
+    patches = patches or {}
     meta = dict(EVENTS.metadata)
     encoded = bool(bases) or any(name in columns for name in _KEY_PARTS)
     meta[META_WIRE] = WIRE_ENCODED if encoded else WIRE_COMPACT
@@ -248,7 +262,7 @@ def wire_batch(
     fields = []
     for name in names:
         nullable = name == "key_len" or name not in _EVENT_TYPES or EVENTS.field(name).nullable
-        field_meta = {META_ENC: ENC_DELTA, META_BASE: str(bases[name]).encode()} if name in bases else None
+        field_meta = _delta_meta(bases[name], patches.get(name, ())) if name in bases else None
         fields.append(pa.field(name, columns[name].type, nullable, metadata=field_meta))
     if not fields:
         raise BatchError("a batch needs at least one column")
@@ -256,6 +270,36 @@ def wire_batch(
     if any(len(a) != n for a in arrays):
         raise BatchError("columns of unequal length")
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
+
+
+def _delta_meta(base: int, patches: Iterable[tuple[int, int]]) -> dict[bytes, bytes]:
+    meta = {META_ENC: ENC_DELTA, META_BASE: str(base).encode()}
+    text = ",".join(f"{row}:{value}" for row, value in patches)
+    if text:
+        meta[META_PATCH] = text.encode()
+    return meta
+
+
+def _patches(f: pa.Field, n: int) -> list[tuple[int, int]]:
+    """A delta column's patches, checked: rows within the batch, 64-bit differences."""
+    text = (f.metadata or {}).get(META_PATCH)
+    if not text:
+        return []
+    try:
+        out = [(int(row), int(value)) for row, _, value in (p.partition(b":") for p in text.split(b","))]
+    except ValueError as exc:
+        raise BatchError(f"column {f.name}: malformed patches") from exc
+    if any(not 0 <= row < n or not -(2**63) <= value < 2**63 for row, value in out):
+        raise BatchError(f"column {f.name}: a patch outside the batch or beyond 64 bits")
+    return out
+
+
+def _deltas(f: pa.Field, col: pa.Array) -> np.ndarray:
+    """A delta column's differences as int64, its patches put back."""
+    values = _delta_values(col).astype(np.int64)
+    for row, value in _patches(f, len(col)):
+        values[row] = value
+    return values
 
 
 def slice_batch(batch: pa.RecordBatch, offset: int, length: int) -> pa.RecordBatch:
@@ -292,7 +336,7 @@ def _slices(batch: pa.RecordBatch, starts: list[int], length: int) -> list[pa.Re
         return at
 
     bases_at = {
-        f.name: sums_at_bounds(_delta_values(col))
+        f.name: sums_at_bounds(_deltas(f, col))
         for f, col in zip(batch.schema, batch.columns, strict=True)
         if (f.metadata or {}).get(META_ENC) == ENC_DELTA
     }
@@ -310,7 +354,10 @@ def _slices(batch: pa.RecordBatch, starts: list[int], length: int) -> list[pa.Re
         for f, col in zip(part.schema, part.columns, strict=True):
             if f.name in bases_at:
                 base = (int(f.metadata[META_BASE]) + bases_at[f.name][start] + 2**63) % 2**64 - 2**63
-                f = f.with_metadata({**f.metadata, META_BASE: str(base).encode()})
+                mine = [(row - start, v) for row, v in _patches(f, n) if start <= row < start + len(part)]
+                f = f.with_metadata(
+                    {**{k: v for k, v in f.metadata.items() if k != META_PATCH}, **_delta_meta(base, mine)}
+                )
             elif f.name == "key_data" and has_keys:
                 first, last = keys_at[start], keys_at[start + len(part)]
                 col = _blob(key_bytes.slice(first, last - first), len(part))
@@ -334,14 +381,16 @@ def _delta_values(col: pa.Array) -> np.ndarray:
     """The differences stored in a delta column (its nulls' slots included), as numpy, without a copy."""
     dtype = _DELTA_TYPES.get(col.type)
     if dtype is None:
-        raise BatchError(f"a delta-encoded column must be int32 or int64, not {col.type}")
+        raise BatchError(f"a delta-encoded column must be a signed integer, not {col.type}")
     return np.frombuffer(col.buffers()[1], dtype=dtype, count=len(col), offset=col.offset * np.dtype(dtype).itemsize)
 
 
 def _key_lengths(col: pa.Array) -> np.ndarray:
-    if col.type != pa.int32():
-        raise BatchError(f"key_len must be int32, not {col.type}")
-    lens = np.frombuffer(col.buffers()[1], dtype=np.int32, count=len(col), offset=col.offset * 4)
+    dtype = _DELTA_TYPES.get(col.type)
+    if dtype is None or col.type == pa.int64():
+        raise BatchError(f"key_len must be int8, int16 or int32, not {col.type}")
+    size = np.dtype(dtype).itemsize
+    lens = np.frombuffer(col.buffers()[1], dtype=dtype, count=len(col), offset=col.offset * size)
     if col.null_count:
         lens = np.where(col.is_valid().to_numpy(zero_copy_only=False), lens, 0)
     if len(lens) and lens.min() < 0:
@@ -379,12 +428,17 @@ def _decode(batch: pa.RecordBatch) -> dict[str, pa.Array]:
     for f, col in zip(batch.schema, batch.columns, strict=True):
         enc = (f.metadata or {}).get(META_ENC)
         if enc is None:
+            typ = _EVENT_TYPES.get(f.name)
+            if typ is not None and pa.types.is_integer(col.type) and col.type != typ:
+                if not pa.types.is_integer(typ) or col.type.bit_width > typ.bit_width:
+                    raise BatchError(f"column {f.name}: {col.type} where {typ} is expected")
+                col = col.cast(typ)  # narrowed on the wire
             out[f.name] = col
             continue
         typ = _EVENT_TYPES.get(f.name)
         if enc != ENC_DELTA or typ is None or not (pa.types.is_integer(typ) or pa.types.is_timestamp(typ)):
             raise BatchError(f"column {f.name}: unknown encoding {enc!r}")
-        values = np.cumsum(_delta_values(col), dtype=np.int64)
+        values = np.cumsum(_deltas(f, col), dtype=np.int64)
         values += np.int64(int(f.metadata.get(META_BASE, b"0")))
         physical = pa.int64() if pa.types.is_timestamp(typ) else typ
         if physical != pa.int64():

@@ -32,7 +32,7 @@ import pyarrow as pa
 from collector import schema
 from collector.native import build
 
-_ABI = 4
+_ABI = 5
 _MIN_LIBRDKAFKA = 0x02000000
 SOURCE_PROPERTY = "keytrace.src"
 MAX_RECORDS_PROPERTY = "keytrace.max.records"
@@ -72,6 +72,7 @@ _NATIVE_COLUMNS = (
     "error_message",
 )
 _NCOLS = len(_NATIVE_COLUMNS)
+_MAX_PATCHES = 1  # KT_MAX_PATCHES
 
 
 class NativeUnavailable(RuntimeError):
@@ -97,6 +98,9 @@ class _Columns(ctypes.Structure):
         ("base", ctypes.c_int64 * _NCOLS),
         ("width", ctypes.c_int64 * _NCOLS),
         ("key_data_offsets", _Span),
+        ("npatch", ctypes.c_int64 * _NCOLS),
+        ("patch_row", (ctypes.c_uint64 * _MAX_PATCHES) * _NCOLS),
+        ("patch_val", (ctypes.c_int64 * _MAX_PATCHES) * _NCOLS),
     ]
 
 
@@ -359,9 +363,11 @@ class _Block:
 _KINDS = pa.array([schema.SEND, schema.ACK, schema.ERROR, schema.CONSUME], pa.string())
 # Physical types of the columns that the plugin writes as dictionary indices.
 _INDEX_TYPES = {"kind": pa.int8(), "topic": pa.int16()}
-# Columns that the plugin writes as differences from the previous row (kt_delta), 4 or 8 bytes wide.
+# Columns that the plugin writes as differences from the previous row (kt_delta), 1 to 8 bytes wide.
 _DELTA_COLUMNS = frozenset({"ts", "offset", "latency_us", "msg_ts_ms"})
-_WIDTHS = {4: pa.int32(), 8: pa.int64()}
+# Integer columns that it narrows to the fewest bytes holding every value.
+_NARROWED_COLUMNS = frozenset({"partition", "value_size", "attempt", "error_code"})
+_WIDTHS = {1: pa.int8(), 2: pa.int16(), 4: pa.int32(), 8: pa.int64()}
 
 
 def drain(
@@ -397,6 +403,7 @@ def drain(
     topics = pa.Array.from_buffers(pa.string(), out.ntopics, [None, buffer(out.topic_offsets), buffer(out.buf[3][2])])
     columns: dict[str, pa.Array] = {}
     bases: dict[str, int] = {}
+    patches: dict[str, list[tuple[int, int]]] = {}
     for c, name in enumerate(_NATIVE_COLUMNS):
         spans = out.buf[c]
         nulls = out.null_count[c]
@@ -410,8 +417,13 @@ def drain(
         elif name in _DELTA_COLUMNS:
             columns[name] = pa.Array.from_buffers(_WIDTHS[out.width[c]], n, buffers, null_count=nulls)
             bases[name] = out.base[c]
+            k = out.npatch[c]
+            if k:
+                patches[name] = list(zip(out.patch_row[c][:k], out.patch_val[c][:k], strict=True))
+        elif name in _NARROWED_COLUMNS:
+            columns[name] = pa.Array.from_buffers(_WIDTHS[out.width[c]], n, buffers, null_count=nulls)
         elif name == "key":
-            columns["key_len"] = pa.Array.from_buffers(pa.int32(), n, buffers, null_count=nulls)
+            columns["key_len"] = pa.Array.from_buffers(_WIDTHS[out.width[c]], n, buffers, null_count=nulls)
             columns["key_data"] = pa.Array.from_buffers(
                 pa.binary(), n, [None, buffer(out.key_data_offsets), buffer(spans[2])]
             )
@@ -425,7 +437,7 @@ def drain(
             columns[name] = pa.DictionaryArray.from_arrays(
                 pa.Array.from_buffers(pa.int8(), n, [None, pa.py_buffer(bytes(n))]), pa.array([value])
             )
-    batch = schema.wire_batch(columns, n, src=src, seq_lo=first_seq, bases=bases)
+    batch = schema.wire_batch(columns, n, src=src, seq_lo=first_seq, bases=bases, patches=patches)
     return batch if wire else schema.from_wire(batch)
 
 

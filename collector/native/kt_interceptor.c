@@ -23,8 +23,14 @@
 #include <string.h>
 #include <time.h>
 
-#define KT_ABI 4
+#define KT_ABI 5
 #define KT_EXPORT __attribute__((visibility("default")))
+/* Loops over whole columns in the drain: let the compiler use vector instructions (-O2 barely does). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define KT_VECTOR __attribute__((optimize("tree-vectorize")))
+#else
+#define KT_VECTOR
+#endif
 
 typedef struct rd_kafka_s rd_kafka_t;
 typedef struct rd_kafka_conf_s rd_kafka_conf_t;
@@ -690,6 +696,9 @@ typedef struct {
     uint64_t off, len;
 } kt_span;
 
+/* Differences outside a narrowed column's range travel beside it (see delta_width). */
+#define KT_MAX_PATCHES 1
+
 typedef struct {
     void *block; /* one allocation holding every buffer; release with kt_free */
     uint64_t block_len;
@@ -707,8 +716,13 @@ typedef struct {
        from the previous row, of width[c] bytes, starting from base[c]. key holds int32
        lengths; its bytes are all in the first row of a binary column with key_data_offsets. */
     int64_t base[KT_NCOLS];
-    int64_t width[KT_NCOLS];
+    int64_t width[KT_NCOLS]; /* bytes per value of a narrowed column (delta or plain integer), else 0 */
     kt_span key_data_offsets;
+    /* A narrowed delta column's difference that does not fit its width: stored as 0,
+       its row and value given here. */
+    int64_t npatch[KT_NCOLS];
+    uint64_t patch_row[KT_NCOLS][KT_MAX_PATCHES];
+    int64_t patch_val[KT_NCOLS][KT_MAX_PATCHES];
 } kt_columns;
 
 
@@ -761,13 +775,15 @@ static void set_bit(uint8_t *bits, uint64_t i) { bits[i >> 3] |= (uint8_t)(1u <<
  * the previous row's value, starting from `base`, the first valid value (0 if there is
  * none). A null row counts as repeating the previous value: its difference is 0.
  * Timestamps, offsets and latencies of consecutive events are close, so the differences
- * are small and repetitive: zstd compresses them in about half the time of the raw
- * values, to a fraction of the size. When every difference of a column fits in 32 bits,
- * the column is narrowed to int32. Decoding is a running sum (collector.schema.from_wire).
+ * are small and repetitive. The column is then narrowed to the fewest bytes (1, 2, 4 or 8)
+ * that hold them (delta_width), but for one: the first report's time stamp jumps back from
+ * the last send's, so if it does not fit it is stored as 0 and travels as a patch.
+ * zstd's time grows with the bytes it reads, and these columns cost it the most.
+ * Decoding is a running sum after the patch is put back (collector.schema.from_wire).
  */
 typedef struct {
     int64_t base, prev;
-    int have, fits;
+    int have;
 } kt_delta;
 
 static inline int64_t delta_of(kt_delta *d, int64_t v) {
@@ -776,19 +792,90 @@ static inline int64_t delta_of(kt_delta *d, int64_t v) {
         d->have = 1, d->base = d->prev = v;
     x = (int64_t)((uint64_t)v - (uint64_t)d->prev);
     d->prev = v;
-    d->fits &= x >= INT32_MIN && x <= INT32_MAX;
     return x;
 }
 
-/* Narrow n int64 values to int32 in place, when they all fit; returns the width in bytes. */
-static int narrow(int64_t *v, uint64_t n, const kt_delta *d) {
+static inline uint64_t magnitude(int64_t x) { return (uint64_t)(x ^ (x >> 63)); } /* |x|, or |x| - 1 if x < 0 */
+
+static int width_of(uint64_t mag) { return mag <= INT8_MAX ? 1 : mag <= INT16_MAX ? 2 : mag <= INT32_MAX ? 4 : 8; }
+
+/*
+ * The fewest bytes (1, 2, 4 or 8) that hold every difference but the one at row `skip`,
+ * the first report after the sends, whose time stamp jumps back to when the first report
+ * arrived. (OR-ing magnitudes, with no branch, vectorises; counting values per width did not
+ * pay for itself.)
+ */
+KT_VECTOR static int delta_width(const int64_t *v, uint64_t n, uint64_t skip) {
+    uint64_t i, mag = 0, end = skip < n ? skip : n;
+    for (i = 0; i < end; i++)
+        mag |= magnitude(v[i]);
+    for (i = end + 1; i < n; i++)
+        mag |= magnitude(v[i]);
+    return width_of(mag);
+}
+
+/*
+ * dst[i] = (TO)src[i] for i < n, where dst starts where src does (a narrowing in place):
+ * through a small buffer, so that neither loop aliases and both vectorise.
+ */
+#define KT_CHUNK 512
+#define NARROW_COPY(TO, FROM, dst, src, n)                          \
+    do {                                                            \
+        TO tmp_[KT_CHUNK];                                          \
+        uint64_t at_, j_, m_;                                       \
+        for (at_ = 0; at_ < (n); at_ += KT_CHUNK) {                 \
+            m_ = (n) - at_ < KT_CHUNK ? (n) - at_ : KT_CHUNK;       \
+            for (j_ = 0; j_ < m_; j_++)                             \
+                tmp_[j_] = (TO)((const FROM *)(src))[at_ + j_];     \
+            memcpy((TO *)(dst) + at_, tmp_, m_ * sizeof(TO));       \
+        }                                                           \
+    } while (0)
+
+/*
+ * Narrow n int64 values to `width` bytes in place. The one at row `skip` may not fit: it is
+ * then stored as 0 and returned as a patch (*row, *val; the count is returned).
+ */
+KT_VECTOR static int64_t narrow(int64_t *v, uint64_t n, int width, uint64_t skip, uint64_t *row, int64_t *val) {
+    int64_t k = 0;
+    if (width == 8)
+        return 0;
+    if (skip < n && width_of(magnitude(v[skip])) > width)
+        *row = skip, *val = v[skip], v[skip] = 0, k = 1;
+    if (width == 1)
+        NARROW_COPY(int8_t, int64_t, v, v, n);
+    else if (width == 2)
+        NARROW_COPY(int16_t, int64_t, v, v, n);
+    else
+        NARROW_COPY(int32_t, int64_t, v, v, n);
+    return k;
+}
+
+/* The fewest bytes that hold integers whose bits, OR-ed together, are `bits` (all >= 0). */
+static int plain_width(uint64_t bits) { return bits <= INT8_MAX ? 1 : bits <= INT16_MAX ? 2 : 4; }
+
+/* Narrow n int32 (from == 4) or int16 (from == 2) values to `width` bytes in place. */
+KT_VECTOR static void narrow_plain(void *p, uint64_t n, int from, int width) {
+    const int32_t *v32 = p;
+    const int16_t *v16 = p;
+    int8_t *w8 = p;
+    int16_t *w16 = p;
+    if (width >= from)
+        return;
+    if (from == 4 && width == 2)
+        NARROW_COPY(int16_t, int32_t, w16, v32, n);
+    else if (from == 4)
+        NARROW_COPY(int8_t, int32_t, w8, v32, n);
+    else
+        NARROW_COPY(int8_t, int16_t, w8, v16, n);
+}
+
+/* Error codes may be negative (librdkafka's own); they are few, so a pass finds their range. */
+static int err_width(const int32_t *v, uint64_t n) {
+    int32_t lo = 0, hi = 0;
     uint64_t i;
-    if (!d->fits)
-        return 8;
-    /* Forward: the int32 written at byte 4i never reaches an int64 not yet read, at byte 8j, j > i. */
     for (i = 0; i < n; i++)
-        ((int32_t *)v)[i] = (int32_t)v[i];
-    return 4;
+        lo = v[i] < lo ? v[i] : lo, hi = v[i] > hi ? v[i] : hi;
+    return lo >= INT8_MIN && hi <= INT8_MAX ? 1 : lo >= INT16_MIN && hi <= INT16_MAX ? 2 : 4;
 }
 
 /* Swap out src's buffers under their locks; the drained records stay ours until the next drain. */
@@ -922,7 +1009,8 @@ KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
         int16_t *attempt = COL(C_ATTEMPT, int16_t);
         int32_t to = 0, no = 0, mo = 0;
         uint32_t key_base = 0, j;
-        kt_delta d_ts = {0, 0, 0, 1}, d_offset = {0, 0, 0, 1}, d_latency = {0, 0, 0, 1}, d_msg_ts = {0, 0, 0, 1};
+        kt_delta d_ts = {0}, d_offset = {0}, d_latency = {0}, d_msg_ts = {0};
+        uint32_t bits_partition = 0, bits_key_len = 0, bits_value_size = 0, nerr = 0;
 
         /* Keys: the lanes' arenas one after the other; a record's key_off is relative to its own. */
         for (l = 0; l < KT_LANES; l++) {
@@ -956,11 +1044,13 @@ KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
 
             /* Rows' keys follow each other in the lanes' arenas: their lengths are their offsets. */
             key_len[i] = r->key_len > 0 ? r->key_len : 0;
+            bits_key_len |= (uint32_t)key_len[i];
             if (r->key_len >= 0)
                 set_bit(BITS(C_KEY), i);
 
             /* Null slots hold 0: a column's runs of nulls then cost the compressor nothing. */
             partition[i] = r->partition >= 0 ? r->partition : 0;
+            bits_partition |= (uint32_t)partition[i];
             if (r->partition >= 0)
                 set_bit(BITS(C_PARTITION), i);
 
@@ -974,6 +1064,7 @@ KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
             value_size[i] = 0;
             if (r->value_len >= 0 && (r->kind == KT_SEND || r->kind == KT_CONSUME)) {
                 value_size[i] = r->value_len;
+                bits_value_size |= (uint32_t)r->value_len;
                 set_bit(BITS(C_VALUE_SIZE), i);
             }
 
@@ -1006,6 +1097,7 @@ KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
             name_o[i] = no;
             msg_o[i] = mo;
             if (is_err) {
+                nerr++;
                 len = strlen(s = api.err2name(r->err));
                 memcpy(DATA(C_ERR_NAME) + no, s, len);
                 no += (int32_t)len;
@@ -1032,9 +1124,28 @@ KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
             } deltas[] = {{C_TS, ts, &d_ts}, {C_OFFSET, offset, &d_offset}, {C_LATENCY, latency, &d_latency},
                           {C_MSG_TS, msg_ts, &d_msg_ts}};
             for (c = 0; c < (int)(sizeof(deltas) / sizeof(*deltas)); c++) {
-                out->base[deltas[c].col] = deltas[c].d->base;
-                out->width[deltas[c].col] = narrow(deltas[c].v, n, deltas[c].d);
-                out->buf[deltas[c].col][1].len = n * (uint64_t)out->width[deltas[c].col];
+                int col = deltas[c].col, width = delta_width(deltas[c].v, n, bs[LANE_SEND]->n);
+                out->base[col] = deltas[c].d->base;
+                out->width[col] = width;
+                out->npatch[col] =
+                    narrow(deltas[c].v, n, width, bs[LANE_SEND]->n, out->patch_row[col], out->patch_val[col]);
+                out->buf[col][1].len = n * (uint64_t)width;
+            }
+        }
+        {
+            /* Partitions, key lengths, value sizes, attempts and error codes are small numbers. */
+            const struct {
+                int col, from, width;
+            } plain[] = {{C_PARTITION, 4, plain_width(bits_partition)},
+                         {C_KEY, 4, plain_width(bits_key_len)},
+                         {C_VALUE_SIZE, 4, plain_width(bits_value_size)},
+                         {C_ATTEMPT, 2, 1}, /* 1 or null */
+                         {C_ERR_CODE, 4, nerr ? err_width(err_code, n) : 1}};
+            for (c = 0; c < (int)(sizeof(plain) / sizeof(*plain)); c++) {
+                int col = plain[c].col;
+                narrow_plain(blk + out->buf[col][1].off, n, plain[c].from, plain[c].width);
+                out->width[col] = plain[c].width;
+                out->buf[col][1].len = n * (uint64_t)plain[c].width;
             }
         }
 #undef COL

@@ -147,10 +147,21 @@ def test_wire_batch_needs_a_column_and_equal_lengths() -> None:
 DELTA_COLUMNS = ("ts", "offset", "latency_us", "msg_ts_ms")
 
 
-def encode(batch: pa.RecordBatch, force64: bool = False) -> pa.RecordBatch:
+NARROW = {1: (pa.int8(), np.int8), 2: (pa.int16(), np.int16), 4: (pa.int32(), np.int32), 8: (pa.int64(), np.int64)}
+
+
+def fewest_bytes(values: np.ndarray) -> int:
+    return next(w for w in (1, 2, 4, 8) if not len(values) or np.abs(values).max() < 2 ** (8 * w - 1))
+
+
+def encode(batch: pa.RecordBatch, force64: bool = False, narrow: bool = False, patch_row: int = -1) -> pa.RecordBatch:
+    """The encoded form. With `narrow`, delta columns take the fewest bytes that hold every
+    difference but the one at `patch_row`, which travels as a patch if it does not fit; the
+    plain integer columns take the fewest bytes that hold them."""
     wire = to_wire(batch)
     columns = {name: wire.column(name) for name in wire.schema.names}
     bases = {}
+    patches: dict[str, list[tuple[int, int]]] = {}
     for name in DELTA_COLUMNS:
         if name not in columns:
             continue
@@ -165,23 +176,42 @@ def encode(batch: pa.RecordBatch, force64: bool = False) -> pa.RecordBatch:
             plain[i] = raw[i] if valid[i] else prev
             prev = plain[i]
         diffs = np.diff(plain, prepend=np.int64(base))
-        fits = not force64 and diffs.min() >= -(2**31) and diffs.max() < 2**31
+        if narrow:
+            others = np.delete(diffs, patch_row) if 0 <= patch_row < len(diffs) else diffs
+            width = fewest_bytes(others)
+            if 0 <= patch_row < len(diffs) and fewest_bytes(diffs[patch_row : patch_row + 1]) > width:
+                patches[name] = [(patch_row, int(diffs[patch_row]))]
+                diffs[patch_row] = 0
+        else:
+            width = 4 if not force64 and diffs.min() >= -(2**31) and diffs.max() < 2**31 else 8
         bases[name] = base
+        typ, dtype = NARROW[width]
         columns[name] = pa.Array.from_buffers(
-            pa.int32() if fits else pa.int64(),
+            typ,
             len(col),
-            [col.buffers()[0] if col.null_count else None, pa.py_buffer(diffs.astype(np.int32 if fits else np.int64))],
+            [col.buffers()[0] if col.null_count else None, pa.py_buffer(diffs.astype(dtype))],
             null_count=col.null_count,
         )
     key = columns.pop("key")
     lengths = pc.binary_length(key).fill_null(0).cast(pa.int32())
+    if narrow:
+        lengths = lengths.cast(NARROW[fewest_bytes(lengths.to_numpy())][0])
+        for name in ("partition", "value_size", "attempt", "error_code"):
+            if name in columns:
+                col = columns[name]
+                columns[name] = col.cast(NARROW[fewest_bytes(col.fill_null(0).to_numpy())][0])
     columns["key_len"] = pa.Array.from_buffers(
-        pa.int32(), len(key), [key.buffers()[0] if key.null_count else None, lengths.buffers()[1]], key.null_count
+        lengths.type,
+        len(key),
+        [key.buffers()[0] if key.null_count else None, lengths.buffers()[1]],
+        key.null_count,
     )
     data = b"".join(k for k in key.to_pylist() if k)
     columns["key_data"] = pa.array([data] + [b""] * (len(key) - 1), pa.binary())
     meta = wire.schema.metadata
-    return wire_batch(columns, len(key), src=int(meta[META_SRC]), seq_lo=int(meta[META_SEQ_LO]), bases=bases)
+    return wire_batch(
+        columns, len(key), src=int(meta[META_SRC]), seq_lo=int(meta[META_SEQ_LO]), bases=bases, patches=patches
+    )
 
 
 def timed_events(n: int) -> pa.RecordBatch:
@@ -226,6 +256,63 @@ def test_encoded_batches_come_back_identical_whole_and_sliced(force64: bool) -> 
     assert pa.concat_batches([from_ipc(to_ipc(p))[0] for p in parts]).equals(batch)
 
 
+def test_narrowed_columns_and_their_patch_come_back_identical_whole_and_sliced() -> None:
+    """Differences in 1 or 2 bytes, the one that does not fit as a patch, small integers narrowed."""
+    batch = timed_events(1001)
+    ts = np.arange(1001, dtype=np.int64) * 3 + 1_790_000_000_000_000
+    ts[600:] -= 5_000_000  # the reports start earlier than the last sends: one far jump back
+    batch = batch.set_column(
+        EVENTS.get_field_index("ts"), EVENTS.field("ts"), pa.array(ts).cast(EVENTS.field("ts").type)
+    )
+    latency = pa.array([None if i % 2 == 0 else 40_000 + (i % 50) * 300 for i in range(1001)], pa.int64())
+    batch = batch.set_column(EVENTS.get_field_index("latency_us"), EVENTS.field("latency_us"), latency)
+    enc = encode(batch, narrow=True, patch_row=600)
+    types = {f.name: f.type for f in enc.schema}
+    assert types["ts"] == pa.int8() and enc.schema.field("ts").metadata[b"keytrace.patch"] == b"600:-4999997"
+    assert types["latency_us"] == pa.int16() and b"keytrace.patch" not in enc.schema.field("latency_us").metadata
+    assert types["offset"] == pa.int8() and types["msg_ts_ms"] == pa.int64()  # 25 years apart
+    assert (types["partition"], types["value_size"], types["key_len"]) == (pa.int8(), pa.int8(), pa.int8())
+    (back,) = from_ipc(to_ipc(enc))
+    assert back.equals(batch)
+    for offset, length in [(0, 600), (0, 601), (599, 2), (600, 1), (601, 400), (300, 701), (1000, 1)]:
+        part = slice_batch(enc, offset, length)
+        has_patch = offset <= 600 < offset + length
+        assert (b"keytrace.patch" in part.schema.field("ts").metadata) == has_patch, (offset, length)
+        (back,) = from_ipc(to_ipc(part))
+        assert back.equals(batch.slice(offset, length)), (offset, length)
+    parts = split_batch(enc, 97)
+    assert pa.concat_batches([from_ipc(to_ipc(p))[0] for p in parts]).equals(batch)
+
+
+def patched(text: bytes) -> bytes:
+    enc = encode(events(4), narrow=True)
+    f = enc.schema.field("ts")
+    odd = enc.schema.set(enc.schema.get_field_index("ts"), f.with_metadata({**f.metadata, b"keytrace.patch": text}))
+    return raw_ipc(pa.RecordBatch.from_arrays(enc.columns, schema=odd))
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (b"4:1", "outside the batch"),
+        (b"-1:1", "outside the batch"),
+        (b"1:x", "malformed"),
+        (b"1", "malformed"),
+        (b"1:99999999999999999999", "beyond 64 bits"),
+    ],
+)
+def test_a_bad_patch_is_refused_with_a_reason(text: bytes, reason: str) -> None:
+    (good,) = from_ipc(patched(b"1:7"))  # a well-formed patch replaces that row's difference
+    assert good.column("ts")[1].value - good.column("ts")[0].value == 7
+    with pytest.raises(BatchError, match=reason):
+        from_ipc(patched(text))
+
+
+def test_a_narrowed_plain_column_wider_than_the_store_is_refused() -> None:
+    with pytest.raises(BatchError, match="int64 where int32 is expected"):
+        from_ipc(encoded_with(partition=pa.array([1, 2, 3, 4], pa.int64())))
+
+
 def test_encoding_makes_the_payload_smaller() -> None:
     batch = timed_events(5000)
     assert len(to_ipc(encode(batch))) < 0.8 * len(to_ipc(batch))
@@ -253,10 +340,10 @@ def encoded_with(**columns: pa.Array | None) -> bytes:
         (lambda: encoded_with(key_len=pa.array([1, 2, 3, 4], pa.int32())), "adds up"),
         (lambda: encoded_with(key_len=pa.array([-1, 2, 3, 4], pa.int32())), "negative"),
         (lambda: encoded_with(key_data=None), "together"),
-        (lambda: encoded_with(key_len=pa.array([1, 2, 3, 4], pa.int64())), "int32"),
-        (lambda: encoded_with(ts=pa.array([1.0, 2.0, 3.0, 4.0])), "int32 or int64"),
+        (lambda: encoded_with(key_len=pa.array([1, 2, 3, 4], pa.int64())), "int8, int16 or int32"),
+        (lambda: encoded_with(ts=pa.array([1.0, 2.0, 3.0, 4.0])), "signed integer"),
     ],
-    ids=["key bytes missing", "negative length", "key_len alone", "key_len not int32", "delta of floats"],
+    ids=["key bytes missing", "negative length", "key_len alone", "key_len int64", "delta of floats"],
 )
 def test_a_malformed_encoded_batch_is_refused_with_a_reason(payload, reason: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(BatchError, match=reason):
