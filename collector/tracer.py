@@ -35,7 +35,12 @@ log = logging.getLogger("keytrace")
 MAX_KEY_BYTES = 64 * 1024
 # Keep one Kafka message (one batch) under the broker's default 1 MB limit.
 MAX_PAYLOAD_BYTES = 900_000
-MAX_BATCH_ROWS = 50_000
+# A drain ships as one batch up to this many rows (a batch over MAX_PAYLOAD_BYTES once
+# encoded is split further). Slicing an encoded batch is numpy work, and each numpy call
+# on a large array hands the GIL back and forth with the application's thread: at 50,000
+# rows the application blocked on the GIL about 250 times per 200,000 messages, at
+# 1,000,000 about 110 times (docs/BENCHMARKS.md).
+MAX_BATCH_ROWS = 1_000_000
 
 
 def normalize_key(key: Any) -> bytes | None:
