@@ -477,6 +477,10 @@ class Shipper:
         self.healthy = True
         self._retry_at = 0.0
         self._replaying: set[str] = set()
+        # When the spool directory may next hold something to replay: at once after this
+        # shipper spooled a batch, else a second after a look found it empty (another
+        # process may spool there). Listing it on every pass costs a GIL round trip.
+        self._spool_look_at = 0.0
         self.last_error: str | None = None
         self.shipped_batches = 0
         self._hooks: list[weakref.WeakMethod] = []
@@ -575,6 +579,7 @@ class Shipper:
 
     def _to_spool(self, payload: bytes, tracer: Tracer | None) -> None:
         if self.spool.put(payload):
+            self._spool_look_at = 0.0
             if tracer is not None:
                 tracer.spooled += _rows(payload)
             return
@@ -605,7 +610,13 @@ class Shipper:
                 self._to_spool(payload, ref)
 
     def _replay(self, limit: int = 8) -> None:
-        for path in self.spool.oldest(limit):
+        now = time.monotonic()
+        if now < self._spool_look_at:
+            return
+        paths = self.spool.oldest(limit)
+        if not paths:
+            self._spool_look_at = now + 1.0
+        for path in paths:
             if str(path) in self._replaying:
                 continue
             data = self.spool.read(path)
@@ -630,6 +641,7 @@ class Shipper:
             self._wait(deadline)
             # Spooled batches get one replay attempt per flush while the sink works.
             if self.healthy and not self.spool_only and self.spool.oldest(1):
+                self._spool_look_at = 0.0
                 self._replay(limit=64)
                 self._wait(deadline)
 

@@ -413,7 +413,11 @@ def drain(
         buffers = [validity, buffer(spans[1])]
         if name in _INDEX_TYPES:
             indices = pa.Array.from_buffers(_INDEX_TYPES[name], n, buffers, null_count=nulls)
-            columns[name] = pa.DictionaryArray.from_arrays(indices, _KINDS if name == "kind" else topics)
+            # safe=False: the C drain wrote only indices within the dictionary (a kind code,
+            # or a topic index below ntopics, else null), and checking them would release and
+            # retake the GIL, each time a wait for the application's thread (the collector
+            # checks every batch it reads in full anyway).
+            columns[name] = pa.DictionaryArray.from_arrays(indices, _KINDS if name == "kind" else topics, safe=False)
         elif name in _DELTA_COLUMNS:
             columns[name] = pa.Array.from_buffers(_WIDTHS[out.width[c]], n, buffers, null_count=nulls)
             bases[name] = out.base[c]
@@ -435,7 +439,7 @@ def drain(
     for name, value in (("client_id", client_id), ("group_id", group_id), ("member_id", member_id)):
         if value is not None:
             columns[name] = pa.DictionaryArray.from_arrays(
-                pa.Array.from_buffers(pa.int8(), n, [None, pa.py_buffer(bytes(n))]), pa.array([value])
+                pa.Array.from_buffers(pa.int8(), n, [None, pa.py_buffer(bytes(n))]), pa.array([value]), safe=False
             )
     batch = schema.wire_batch(columns, n, src=src, seq_lo=first_seq, bases=bases, patches=patches)
     return batch if wire else schema.from_wire(batch)
