@@ -89,7 +89,7 @@ class Collector:
         self.topic = topic
         self.max_records = max_records
         # A poll's records are decoded and stored in groups of about this many events, so
-        # that a backlog of dense records (up to 50,000 events each) is never all in memory.
+        # that a backlog of dense records (up to 500,000 events each) is never all in memory.
         self.group_rows = group_rows
         # When a poll comes back empty, merge runs of the store (one merge of at most this
         # many rows per empty poll), so lookups stay fast; None turns it off.

@@ -37,10 +37,11 @@ MAX_KEY_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 900_000
 # A drain ships as one batch up to this many rows (a batch over MAX_PAYLOAD_BYTES once
 # encoded is split further). Slicing an encoded batch is numpy work, and each numpy call
-# on a large array hands the GIL back and forth with the application's thread: at 50,000
-# rows the application blocked on the GIL about 250 times per 200,000 messages, at
-# 1,000,000 about 110 times (docs/BENCHMARKS.md).
-MAX_BATCH_ROWS = 1_000_000
+# on a large array hands the GIL back and forth with the application's thread: with
+# slices of 50,000 rows the application blocked on the GIL about 250 times per 200,000
+# messages, with none about 110 times (docs/BENCHMARKS.md). A 200 ms drain holds this
+# many events at 2.5 million events/s; the collector decodes one batch at a time.
+MAX_BATCH_ROWS = 500_000
 
 
 def normalize_key(key: Any) -> bytes | None:
