@@ -198,7 +198,7 @@ _DICT_COLUMNS = frozenset({"kind", "client_id", "topic", "error_name", "group_id
 _EVENT_TYPES = {f.name: f.type for f in EVENTS}
 # Columns that only the encoded wire form has, standing for `key`.
 _KEY_PARTS = ("key_len", "key_data")
-_DELTA_TYPES = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64}
+_INT_TYPES = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64}
 
 
 def to_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -294,11 +294,14 @@ def _patches(f: pa.Field, n: int) -> list[tuple[int, int]]:
     return out
 
 
-def _deltas(f: pa.Field, col: pa.Array) -> np.ndarray:
-    """A delta column's differences as int64, its patches put back."""
-    values = _delta_values(col).astype(np.int64)
-    for row, value in _patches(f, len(col)):
-        values[row] = value
+def _deltas(f: pa.Field, col: pa.Array, patches: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """A delta column's differences, its patches put back (as int64 then; else the column's own buffer)."""
+    values = _delta_values(col)
+    patches = _patches(f, len(col)) if patches is None else patches
+    if patches:
+        values = values.astype(np.int64)
+        for row, value in patches:
+            values[row] = value
     return values
 
 
@@ -335,10 +338,11 @@ def _slices(batch: pa.RecordBatch, starts: list[int], length: int) -> list[pa.Re
             at[hi] = total
         return at
 
+    patches = {f.name: _patches(f, n) for f in batch.schema if (f.metadata or {}).get(META_ENC) == ENC_DELTA}
     bases_at = {
-        f.name: sums_at_bounds(_deltas(f, col))
+        f.name: sums_at_bounds(_deltas(f, col, patches[f.name]))
         for f, col in zip(batch.schema, batch.columns, strict=True)
-        if (f.metadata or {}).get(META_ENC) == ENC_DELTA
+        if f.name in patches
     }
     has_keys = "key_len" in batch.schema.names and "key_data" in batch.schema.names
     if has_keys:
@@ -354,7 +358,7 @@ def _slices(batch: pa.RecordBatch, starts: list[int], length: int) -> list[pa.Re
         for f, col in zip(part.schema, part.columns, strict=True):
             if f.name in bases_at:
                 base = (int(f.metadata[META_BASE]) + bases_at[f.name][start] + 2**63) % 2**64 - 2**63
-                mine = [(row - start, v) for row, v in _patches(f, n) if start <= row < start + len(part)]
+                mine = [(row - start, v) for row, v in patches[f.name] if start <= row < start + len(part)]
                 f = f.with_metadata(
                     {**{k: v for k, v in f.metadata.items() if k != META_PATCH}, **_delta_meta(base, mine)}
                 )
@@ -379,14 +383,14 @@ def is_wire(batch: pa.RecordBatch) -> bool:
 
 def _delta_values(col: pa.Array) -> np.ndarray:
     """The differences stored in a delta column (its nulls' slots included), as numpy, without a copy."""
-    dtype = _DELTA_TYPES.get(col.type)
+    dtype = _INT_TYPES.get(col.type)
     if dtype is None:
         raise BatchError(f"a delta-encoded column must be a signed integer, not {col.type}")
     return np.frombuffer(col.buffers()[1], dtype=dtype, count=len(col), offset=col.offset * np.dtype(dtype).itemsize)
 
 
 def _key_lengths(col: pa.Array) -> np.ndarray:
-    dtype = _DELTA_TYPES.get(col.type)
+    dtype = _INT_TYPES.get(col.type)
     if dtype is None or col.type == pa.int64():
         raise BatchError(f"key_len must be int8, int16 or int32, not {col.type}")
     size = np.dtype(dtype).itemsize

@@ -850,9 +850,6 @@ KT_VECTOR static int64_t narrow(int64_t *v, uint64_t n, int width, uint64_t skip
     return k;
 }
 
-/* The fewest bytes that hold integers whose bits, OR-ed together, are `bits` (all >= 0). */
-static int plain_width(uint64_t bits) { return bits <= INT8_MAX ? 1 : bits <= INT16_MAX ? 2 : 4; }
-
 /* Narrow n int32 (from == 4) or int16 (from == 2) values to `width` bytes in place. */
 KT_VECTOR static void narrow_plain(void *p, uint64_t n, int from, int width) {
     const int32_t *v32 = p;
@@ -869,13 +866,12 @@ KT_VECTOR static void narrow_plain(void *p, uint64_t n, int from, int width) {
         NARROW_COPY(int8_t, int16_t, w8, v16, n);
 }
 
-/* Error codes may be negative (librdkafka's own); they are few, so a pass finds their range. */
+/* Error codes may be negative (librdkafka's own); they are few, so a pass finds their width. */
 static int err_width(const int32_t *v, uint64_t n) {
-    int32_t lo = 0, hi = 0;
-    uint64_t i;
+    uint64_t i, mag = 0;
     for (i = 0; i < n; i++)
-        lo = v[i] < lo ? v[i] : lo, hi = v[i] > hi ? v[i] : hi;
-    return lo >= INT8_MIN && hi <= INT8_MAX ? 1 : lo >= INT16_MIN && hi <= INT16_MAX ? 2 : 4;
+        mag |= magnitude(v[i]);
+    return width_of(mag);
 }
 
 /* Swap out src's buffers under their locks; the drained records stay ours until the next drain. */
@@ -1136,9 +1132,9 @@ KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
             /* Partitions, key lengths, value sizes, attempts and error codes are small numbers. */
             const struct {
                 int col, from, width;
-            } plain[] = {{C_PARTITION, 4, plain_width(bits_partition)},
-                         {C_KEY, 4, plain_width(bits_key_len)},
-                         {C_VALUE_SIZE, 4, plain_width(bits_value_size)},
+            } plain[] = {{C_PARTITION, 4, width_of(bits_partition)}, /* all >= 0: their OR bounds them */
+                         {C_KEY, 4, width_of(bits_key_len)},
+                         {C_VALUE_SIZE, 4, width_of(bits_value_size)},
                          {C_ATTEMPT, 2, 1}, /* 1 or null */
                          {C_ERR_CODE, 4, nerr ? err_width(err_code, n) : 1}};
             for (c = 0; c < (int)(sizeof(plain) / sizeof(*plain)); c++) {
