@@ -12,12 +12,17 @@ Variants:
   plain    confluent_kafka.Producer
   plugin   a plain Producer with the native interceptor plugin, never drained
   traced   TracedProducer with the Kafka sink on the same mock cluster
+  noship   traced, but shipping only at flush() (flush_interval_s=60): the loop without
+           the shipper's passes, and a flush() that drains and ships the whole round
+  drain    plugin, plus a thread that drains the plugin every 200 ms (native.drain, the
+           shipper's first step) and throws the batch away: what the drain alone costs
   nogil    plugin, plus a Python thread that spends 20 ms every 200 ms in hashlib
            (which releases the GIL): what CPU work on another thread costs the loop
   gil      plugin, plus a thread that spends 20 ms every 200 ms in Python bytecode
            (holding the GIL): what the GIL costs the loop
 
     .venv/bin/python bench/bench_app_thread.py --rounds 8
+    .venv/bin/python bench/bench_app_thread.py --rounds 20 --variants plugin,drain,noship,traced
 """
 
 from __future__ import annotations
@@ -55,10 +60,17 @@ def _busy(stop: threading.Event, step: Callable[[], object]) -> None:
         stop.wait(0.2)
 
 
+def _drains(stop: threading.Event, src: int) -> None:
+    while not stop.wait(0.2):
+        native.drain(src, wire=True)
+
+
 BACKGROUND: dict[str, Callable[[], object] | None] = {
     "plain": None,
     "plugin": None,
     "traced": None,
+    "noship": None,
+    "drain": None,
     "nogil": lambda: hashlib.sha256(_BIG).digest(),
     "gil": lambda: sum(range(1000)),
 }
@@ -69,14 +81,20 @@ def one(variant: str, bootstrap: str, n: int, spool: Path) -> tuple[float, float
     conf = {"bootstrap.servers": bootstrap, "linger.ms": 5, "on_delivery": lambda err, msg: None}
     if variant == "plain":
         p = confluent_kafka.Producer(conf)
-    elif variant == "traced":
-        p = TracedProducer(conf, sink=f"kafka://{bootstrap}/_keytrace.events", trace_options={"spool_dir": str(spool)})
+    elif variant in ("traced", "noship"):
+        options: dict[str, object] = {"spool_dir": str(spool)}
+        if variant == "noship":
+            options["flush_interval_s"] = 60
+        p = TracedProducer(conf, sink=f"kafka://{bootstrap}/_keytrace.events", trace_options=options)
     else:
         src = next(_srcs)
         p = confluent_kafka.Producer(native.configure(conf, src, max_records=4 * n))
     stop = threading.Event()
     step = BACKGROUND[variant]
-    worker = threading.Thread(target=_busy, args=(stop, step), daemon=True) if step else None
+    if variant == "drain":
+        worker: threading.Thread | None = threading.Thread(target=_drains, args=(stop, src), daemon=True)
+    else:
+        worker = threading.Thread(target=_busy, args=(stop, step), daemon=True) if step else None
     if worker:
         worker.start()
     value, keys = b"v" * 100, [f"customer-{i}".encode() for i in range(10_000)]
