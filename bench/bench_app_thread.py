@@ -14,8 +14,9 @@ Variants:
   traced   TracedProducer with the Kafka sink on the same mock cluster
   noship   traced, but shipping only at flush() (flush_interval_s=60): the loop without
            the shipper's passes, and a flush() that drains and ships the whole round
-  drain    plugin, plus a thread that drains the plugin every 200 ms (native.drain, the
-           shipper's first step) and throws the batch away: what the drain alone costs
+  drain    plugin, plus a thread (at the shipper's niceness) that drains the plugin every
+           200 ms (native.drain, the shipper's first step) and throws the batch away: what
+           the drain alone costs
   nogil    plugin, plus a Python thread that spends 20 ms every 200 ms in hashlib
            (which releases the GIL): what CPU work on another thread costs the loop
   gil      plugin, plus a thread that spends 20 ms every 200 ms in Python bytecode
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import os
 import statistics
 import sys
 import tempfile
@@ -61,6 +63,9 @@ def _busy(stop: threading.Event, step: Callable[[], object]) -> None:
 
 
 def _drains(stop: threading.Event, src: int) -> None:
+    # As nice as the shipper thread (TraceOptions.shipper_nice), whose first step this is.
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
     while not stop.wait(0.2):
         native.drain(src, wire=True)
 
