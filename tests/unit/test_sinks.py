@@ -73,7 +73,7 @@ def handles():
     for t in os.listdir("/proc/self/task"):
         try:
             n += open(f"/proc/self/task/{t}/comm").read().strip() == "rdk:main"
-        except FileNotFoundError:  # a thread that just ended
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended (either error)
             pass
     return n
 def settled(n, deadline=10.0):
