@@ -610,10 +610,12 @@ class Shipper:
             else:
                 self._to_spool(payload, ref)
 
-    def _replay(self, limit: int = 8) -> None:
+    def _replay(self, limit: int = 8) -> bool:
+        """Resubmit up to `limit` spooled batches; whether any was submitted."""
         now = time.monotonic()
         if now < self._spool_look_at:
-            return
+            return False
+        submitted = False
         paths = self.spool.oldest(limit)
         if not paths:
             self._spool_look_at = now + 1.0
@@ -628,7 +630,9 @@ class Shipper:
                 self.sink.submit(data, ("spool", path))
             except Exception as exc:
                 self._handle([(("spool", path), data, False, f"{type(exc).__name__}: {exc}")])
-                return
+                return submitted
+            submitted = True
+        return submitted
 
     def flush(self, timeout: float) -> None:
         """Ship everything buffered now and wait (bounded) for the sink's answers.
@@ -640,11 +644,12 @@ class Shipper:
         with self._lock:
             self.ship_once()
             self._wait(deadline)
-            # Spooled batches get one replay attempt per flush while the sink works.
-            if self.healthy and not self.spool_only and self.spool.oldest(1):
+            # Spooled batches get one replay attempt per flush while the sink works
+            # (one listing of the spool directory, whenever the shipper last looked).
+            if self.healthy and not self.spool_only:
                 self._spool_look_at = 0.0
-                self._replay(limit=64)
-                self._wait(deadline)
+                if self._replay(limit=64):
+                    self._wait(deadline)
 
     def _wait(self, deadline: float) -> None:
         while self.healthy and self.sink.pending() and time.monotonic() < deadline:
