@@ -12,10 +12,11 @@
  * hands over the addresses of the few functions used (kt_bind) before any
  * client is created. The types below mirror rdkafka.h (stable public ABI).
  */
-#define _GNU_SOURCE /* PTHREAD_MUTEX_ADAPTIVE_NP */
+#define _GNU_SOURCE
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -124,7 +125,7 @@ typedef struct {
  * broker threads: giving each its own lane keeps them from contending for a lock.
  */
 typedef struct {
-    pthread_mutex_t mu;
+    volatile int lock; /* lane_lock */
     kt_buf bufs[2];
     int active;
     uint64_t recorded;
@@ -134,6 +135,40 @@ typedef struct {
 } kt_lane;
 
 enum { LANE_SEND = 0, LANE_REPORT = 1, KT_LANES = 2 };
+
+/*
+ * A lane's lock. An append holds it for a few dozen ns, and the drain's swap for less, so
+ * a waiter spins (then yields the CPU, in case the holder was preempted) rather than sleep.
+ * Its release is a plain store. A pthread mutex releases with a locked instruction, which
+ * waits until the append's own writes have reached the cache; those writes mostly miss (a
+ * buffer line is written once), so that wait was a large part of what an append cost the
+ * application's thread (bench/bench_record_cost.py, docs/BENCHMARKS.md). A plain store
+ * with release order still publishes the append to the next holder, on x86 and elsewhere.
+ */
+#define KT_LOCK_SPINS 200
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+static inline void lane_lock(kt_lane *lane) {
+    int spins = 0;
+    while (__atomic_exchange_n(&lane->lock, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(&lane->lock, __ATOMIC_RELAXED)) {
+            if (++spins < KT_LOCK_SPINS) {
+                cpu_relax();
+            } else {
+                sched_yield();
+                spins = 0;
+            }
+        }
+}
+
+static inline void lane_unlock(kt_lane *lane) { __atomic_store_n(&lane->lock, 0, __ATOMIC_RELEASE); }
 
 typedef struct kt_inst {
     struct kt_inst *next;
@@ -290,6 +325,26 @@ static inline int topic_of(kt_inst *in, kt_lane *lane, int kind, const rd_kafka_
     return topic_index(in, lane, rkt);
 }
 
+/*
+ * A record's first write to a buffer line misses the cache (the drain wrote the line last,
+ * on another core, or it was evicted since), and the lock's release, a locked instruction,
+ * waits for those writes to complete: that wait was most of what record() cost the thread
+ * that produces (bench/bench_record_cost.py, docs/BENCHMARKS.md). So each record asks
+ * for the lines of a later record and of later key bytes, for writing; they arrive while
+ * the application goes on, and are in this core's cache when that record is written. A
+ * prefetch never faults, so asking past the end of a buffer is harmless.
+ */
+#define KT_PREFETCH_RECORDS 8
+#define KT_PREFETCH_KEY_BYTES 256
+
+static inline void prefetch_for_write(const void *p) {
+#if defined(__x86_64__)
+    __asm__ volatile("prefetchw %0" ::"m"(*(const char *)p)); /* a NOP where the CPU lacks it */
+#else
+    __builtin_prefetch(p, 1, 3);
+#endif
+}
+
 static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
     int64_t ts = stamp();
     int64_t latency = -1, msg_ts = -1;
@@ -304,14 +359,16 @@ static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
     if (kind != KT_SEND) /* a send's timestamp is its creation time: ts, to the microsecond */
         msg_ts = api.message_timestamp(m, &tstype);
 
-    pthread_mutex_lock(&lane->mu);
+    lane_lock(lane);
     b = &lane->bufs[lane->active];
     if (b->n >= in->max_records || (key_len > 0 && (uint64_t)b->arena_len + (uint32_t)key_len > in->max_arena)) {
         lane->dropped++;
-        pthread_mutex_unlock(&lane->mu);
+        lane_unlock(lane);
         return;
     }
     r = &b->recs[b->n++];
+    prefetch_for_write(r + KT_PREFETCH_RECORDS);
+    prefetch_for_write(b->arena + b->arena_len + KT_PREFETCH_KEY_BYTES);
     r->ts_us = ts;
     r->offset = m->offset;
     r->latency_us = latency;
@@ -333,7 +390,7 @@ static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
         b->err_msg_len += strlen(api.err2str(m->err));
     }
     lane->recorded++;
-    pthread_mutex_unlock(&lane->mu);
+    lane_unlock(lane);
 }
 
 static rd_kafka_resp_err_t on_send(rd_kafka_t *rk, rd_kafka_message_t *m, void *opaque) {
@@ -461,10 +518,8 @@ static int bufs_take(kt_inst *in) {
 }
 
 static void inst_free(kt_inst *in) {
-    int i, l;
+    int i;
     bufs_put(in);
-    for (l = 0; l < KT_LANES; l++)
-        pthread_mutex_destroy(&in->lanes[l].mu);
     for (i = 0; i < in->ntopics; i++)
         free(in->topics[i]);
     pthread_mutex_destroy(&in->topics_mu);
@@ -507,17 +562,8 @@ static kt_inst *inst_acquire(const kt_conf *kc) {
     in->max_records = kc->max_records;
     in->max_arena = kc->max_arena;
     pthread_mutex_init(&in->topics_mu, NULL);
-    for (l = 0; l < KT_LANES; l++) {
-        kt_lane *lane = &in->lanes[l];
-        /* Appends hold the lock for a few dozen ns: spin briefly before sleeping, since a
-           futex round trip on a contended append would cost more than the append. */
-        pthread_mutexattr_t attr;
-        pthread_mutexattr_init(&attr);
-        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
-        pthread_mutex_init(&lane->mu, &attr);
-        pthread_mutexattr_destroy(&attr);
-        lane->last_topic = -1;
-    }
+    for (l = 0; l < KT_LANES; l++)
+        in->lanes[l].last_topic = -1; /* and its lock 0: free */
     /* Untouched pages of these allocations are never made resident. */
     if (!bufs_take(in))
         for (l = 0; l < KT_LANES; l++)
@@ -886,7 +932,7 @@ static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *n
     if (in) {
         for (l = 0; l < KT_LANES; l++) {
             kt_lane *lane = &in->lanes[l];
-            pthread_mutex_lock(&lane->mu);
+            lane_lock(lane);
             /* Taken before the swap: every record of the next buffer is stamped after it. */
             ends[l] = anchor_now();
             drained[l] = &lane->bufs[lane->active];
@@ -898,7 +944,7 @@ static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *n
             lane->bufs[lane->active].err_msg_len = 0;
             out->recorded += lane->recorded;
             out->dropped += lane->dropped;
-            pthread_mutex_unlock(&lane->mu);
+            lane_unlock(lane);
         }
         out->live = in->live;
         /* After the swaps: every drained record's topic index is below this. */
@@ -975,9 +1021,9 @@ KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
     blk = block_alloc(pos, &out->block_len);
     if (!blk) {
         kt_lane *lane = &in->lanes[LANE_REPORT];
-        pthread_mutex_lock(&lane->mu);
+        lane_lock(lane);
         lane->dropped += n;
-        pthread_mutex_unlock(&lane->mu);
+        lane_unlock(lane);
         out->dropped += n;
         out->n = 0;
         return -2;
@@ -1180,11 +1226,11 @@ KT_EXPORT int kt_status(uint64_t src, kt_columns *out) {
         int l;
         for (l = 0; l < KT_LANES; l++) {
             kt_lane *lane = &in->lanes[l];
-            pthread_mutex_lock(&lane->mu);
+            lane_lock(lane);
             out->n += lane->bufs[lane->active].n;
             out->recorded += lane->recorded;
             out->dropped += lane->dropped;
-            pthread_mutex_unlock(&lane->mu);
+            lane_unlock(lane);
         }
         out->live = in->live;
     }

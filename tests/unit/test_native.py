@@ -531,24 +531,41 @@ def test_a_busy_clients_buffers_are_freed_not_kept(mock_cluster: MockCluster, mo
     assert native.stashed_bounds() != (5_001, 96 << 20)
 
 
+class Drainer(threading.Thread):
+    """Drains one src every `interval` seconds until stopped; `batches` holds what it got."""
+
+    def __init__(self, src: int, interval: float) -> None:
+        super().__init__()
+        self.src, self.interval = src, interval
+        self.batches: list[pa.RecordBatch] = []
+        self.seq = 1
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.drain_once()
+            time.sleep(self.interval)
+
+    def drain_once(self) -> pa.RecordBatch | None:
+        batch = native.drain(self.src, first_seq=self.seq)
+        if batch is not None:
+            self.seq += batch.num_rows
+            self.batches.append(batch)
+        return batch
+
+    def finish(self) -> None:
+        """Stop, then drain what is left."""
+        self.stopping.set()
+        self.join()
+        self.drain_once()
+
+
 def test_draining_while_producing_loses_nothing(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
-    batches: list[pa.RecordBatch] = []
-    stop = threading.Event()
-    seq = [1]
-
-    def drainer() -> None:
-        while not stop.is_set():
-            batch = native.drain(src, first_seq=seq[0])
-            if batch is not None:
-                seq[0] += batch.num_rows
-                batches.append(batch)
-            time.sleep(0.005)
-
     reports: list[tuple[int, int]] = []
     conf = {"bootstrap.servers": mock_cluster.bootstrap_servers, "linger.ms": 1}
     p = confluent_kafka.Producer(native.configure(conf, src))
-    thread = threading.Thread(target=drainer)
-    thread.start()
+    drainer = Drainer(src, 0.005)
+    drainer.start()
     try:
         for i in range(20_000):
             p.produce(
@@ -560,10 +577,9 @@ def test_draining_while_producing_loses_nothing(mock_cluster: MockCluster, mock_
             p.poll(0)
         assert p.flush(20) == 0
     finally:
-        stop.set()
-        thread.join()
-    last = native.drain(src, first_seq=seq[0])
-    table = pa.Table.from_batches(batches + ([last] if last is not None else []))
+        drainer.finish()
+    batches = drainer.batches
+    table = pa.Table.from_batches(batches)
     assert len(batches) > 2 and table.num_rows == 40_000
     # Earlier batches own their memory: later drains reuse the C buffers without touching them.
     assert table.column("seq").to_pylist() == list(range(1, 40_001))
@@ -571,6 +587,47 @@ def test_draining_while_producing_loses_nothing(mock_cluster: MockCluster, mock_
     assert sorted(e["key"] for e in events if e["kind"] == "send") == sorted(f"key-{i}".encode() for i in range(20_000))
     assert sorted((e["partition"], e["offset"]) for e in events if e["kind"] == "ack") == sorted(reports)
     assert from_ipc(to_ipc(batches[0]))[0].equals(batches[0])
+
+
+def test_producing_from_several_threads_while_draining_loses_nothing(
+    mock_cluster: MockCluster, mock_topic: str, src: int
+) -> None:
+    # Four application threads append to one send lane, librdkafka's broker threads to the
+    # report lane, and a drainer swaps both every 2 ms: the lanes' locks are contended from
+    # every side, and each record must still come out once, whole.
+    conf = {"bootstrap.servers": mock_cluster.bootstrap_servers, "linger.ms": 1}
+    p = confluent_kafka.Producer(native.configure(conf, src))
+
+    def producer(t: int) -> None:
+        for i in range(5_000):
+            while True:
+                try:
+                    p.produce(mock_topic, b"v" * (i % 50), f"t{t}-{i:05d}-".encode() * (1 + i % 3))
+                    break
+                except BufferError:
+                    p.poll(0.01)
+            if i % 100 == 0:
+                p.poll(0)
+
+    threads = [threading.Thread(target=producer, args=(t,)) for t in range(4)]
+    drainer = Drainer(src, 0.002)
+    drainer.start()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert p.flush(30) == 0
+    finally:
+        drainer.finish()
+    events = pa.Table.from_batches(drainer.batches).to_pylist()
+    expected = sorted(f"t{t}-{i:05d}-".encode() * (1 + i % 3) for t in range(4) for i in range(5_000))
+    sends = [e for e in events if e["kind"] == "send"]
+    assert sorted(e["key"] for e in sends) == expected
+    assert all(e["value_size"] == int(e["key"].split(b"-")[1]) % 50 for e in sends)
+    assert sorted(e["key"] for e in events if e["kind"] == "ack") == expected
+    status = native.status(src)
+    assert status is not None and status.dropped == 0 and status.recorded == 40_000
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
