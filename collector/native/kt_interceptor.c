@@ -327,12 +327,12 @@ static inline int topic_of(kt_inst *in, kt_lane *lane, int kind, const rd_kafka_
 
 /*
  * A record's first write to a buffer line misses the cache (the drain wrote the line last,
- * on another core, or it was evicted since), and the lock's release, a locked instruction,
- * waits for those writes to complete: that wait was most of what record() cost the thread
- * that produces (bench/bench_record_cost.py, docs/BENCHMARKS.md). So each record asks
- * for the lines of a later record and of later key bytes, for writing; they arrive while
- * the application goes on, and are in this core's cache when that record is written. A
- * prefetch never faults, so asking past the end of a buffer is harmless.
+ * on another core, or it was evicted since), and the next locked instruction of that
+ * thread (the next lane_lock, or one of librdkafka's) waits for those writes to complete.
+ * So each record asks for the lines of a later record and of later key bytes, for
+ * writing; they arrive while the application goes on, and are in this core's cache when
+ * that record is written (bench/bench_record_cost.py, docs/BENCHMARKS.md). A prefetch
+ * never faults, so asking past the end of a buffer is harmless.
  */
 #define KT_PREFETCH_RECORDS 8
 #define KT_PREFETCH_KEY_BYTES 256

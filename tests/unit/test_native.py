@@ -592,9 +592,10 @@ def test_draining_while_producing_loses_nothing(mock_cluster: MockCluster, mock_
 def test_producing_from_several_threads_while_draining_loses_nothing(
     mock_cluster: MockCluster, mock_topic: str, src: int
 ) -> None:
-    # Four application threads append to one send lane, librdkafka's broker threads to the
-    # report lane, and a drainer swaps both every 2 ms: the lanes' locks are contended from
-    # every side, and each record must still come out once, whole.
+    # Four application threads append to one send lane (taking turns: produce() keeps the
+    # GIL), librdkafka's broker threads to the report lane, and a drainer swaps both every
+    # 2 ms without the GIL: each lane's lock is contended, and every record must still come
+    # out once, whole.
     conf = {"bootstrap.servers": mock_cluster.bootstrap_servers, "linger.ms": 1}
     p = confluent_kafka.Producer(native.configure(conf, src))
 
