@@ -372,10 +372,17 @@ def test_event_times_are_wall_clock_times_with_either_clock(
         acks = [e for e in events if e["kind"] == "ack"]
         assert len(acks) == len(sends) > 0
         assert all(t0 - slack <= e["ts"] <= t1 + slack for e in sends.values()), (t0, t1, list(sends.values())[:3])
+        gaps = []
         for e in acks:
             sent = sends[e["key"]]["ts"]
             assert sent <= e["ts"] <= t2 + slack
-            assert abs((e["ts"] - sent) - e["latency_us"]) <= 200, (e, sent)
+            gaps.append((abs((e["ts"] - sent) - e["latency_us"]), e, sent))
+        # librdkafka reads its clock a moment before the send's stamp (in msg_new) and
+        # after the ack's (in message_latency): a thread preempted in between on a loaded
+        # machine stretches one message's gap, while a wrong conversion would shift them all.
+        gaps.sort(key=lambda g: g[0])
+        assert gaps[int(0.95 * (len(gaps) - 1))][0] <= 200, gaps[len(gaps) // 2 :][:3]
+        assert gaps[-1][0] <= 50_000, gaps[-1]
 
 
 def test_full_buffer_drops_and_counts(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
