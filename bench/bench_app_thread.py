@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workload import mock_cluster  # noqa: E402
 
 from collector import TracedProducer, native  # noqa: E402
+from collector.options import TraceOptions  # noqa: E402
 
 LONG_NS = 50_000
 _srcs = itertools.count(1)
@@ -63,9 +64,10 @@ def _busy(stop: threading.Event, step: Callable[[], object]) -> None:
 
 
 def _drains(stop: threading.Event, src: int) -> None:
-    # As nice as the shipper thread (TraceOptions.shipper_nice), whose first step this is.
+    # As nice as the shipper thread, whose first step this is.
     tid = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
+    nice = TraceOptions().shipper_nice
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     while not stop.wait(0.2):
         native.drain(src, wire=True)
 
