@@ -250,10 +250,14 @@ class Tracer:
         self.events_recorded += n
         return schema.split_batch(batch, MAX_BATCH_ROWS)
 
-    def _seqs(self, n: int) -> pa.Array:
+    def _seq_block(self, n: int) -> int:
+        """The first of n consecutive seq values, reserved; only the shipper thread advances the counter."""
         first = next(self._seq)
-        # Reserve the rest of the range; only the shipper thread advances the counter.
         self._seq = itertools.count(first + n)
+        return first
+
+    def _seqs(self, n: int) -> pa.Array:
+        first = self._seq_block(n)
         return pa.array(np.arange(first, first + n, dtype=np.uint64))
 
     def _events_batches(
@@ -384,61 +388,81 @@ class Tracer:
                 cols[name].append(row.get(name))
         return cols
 
+    # Stats and config rows go through one struct conversion each: every pyarrow call
+    # releases and retakes the GIL, and each retake can keep the application waiting.
     def _stats_batch(self, docs: list[tuple[int, str]]) -> pa.RecordBatch:
+        n = len(docs)
+        first = self._seq_block(n)
+        counters = {
+            "kt_events": self.events_recorded,
+            "kt_spooled": self.spooled,
+            "kt_dropped": self.dropped + self.native_dropped(),
+            "kt_internal_errors": self.internal_errors,
+        }
         rows = []
-        for ts, doc in docs:
+        for i, (ts, doc) in enumerate(docs):
             try:
                 parsed = parse_stats(doc)
             except (ValueError, TypeError) as exc:
                 self.internal_error(exc)
                 parsed = {}
-            rows.append((ts, parsed, doc))
-        n = len(rows)
-        arrays = []
-        for f in schema.STATS:
-            if f.name == "src":
-                arrays.append(pa.array([self.src] * n, pa.uint64()))
-            elif f.name == "seq":
-                arrays.append(self._seqs(n))
-            elif f.name == "ts":
-                arrays.append(pa.array([r[0] // 1000 for r in rows], pa.int64()).cast(f.type))
-            elif f.name == "client_id":
-                arrays.append(pa.array([self.client_id] * n, pa.string()))
-            elif f.name == "raw":
-                arrays.append(pa.array([r[2] for r in rows], pa.string()))
-            elif f.name == "kt_events":
-                arrays.append(pa.array([self.events_recorded] * n, pa.int64()))
-            elif f.name == "kt_spooled":
-                arrays.append(pa.array([self.spooled] * n, pa.int64()))
-            elif f.name == "kt_dropped":
-                arrays.append(pa.array([self.dropped + self.native_dropped()] * n, pa.int64()))
-            elif f.name == "kt_internal_errors":
-                arrays.append(pa.array([self.internal_errors] * n, pa.int64()))
-            elif f.name in STAT_COLUMNS:
-                vals = [r[1].get(f.name) for r in rows]
-                if f.name == "client_type":
-                    vals = [v or self.client_type for v in vals]
-                if f.name == "group_id":
-                    vals = [v or self.group_id for v in vals]
-                arrays.append(pa.array(vals, f.type))
-            else:
-                arrays.append(pa.nulls(n, f.type))
-        return pa.RecordBatch.from_arrays(arrays, schema=schema.STATS)
+            row = {name: parsed.get(name) for name in STAT_COLUMNS}
+            row["client_type"] = row["client_type"] or self.client_type
+            row["group_id"] = row["group_id"] or self.group_id
+            row.update(counters, src=self.src, seq=first + i, ts=ts // 1000, client_id=self.client_id, raw=doc)
+            rows.append(row)
+        return _rows_batch(rows, _STATS_ROW, schema.STATS, self.internal_error)
 
     def _configs_batch(self, configs: list[tuple[int, str]]) -> pa.RecordBatch:
-        n = len(configs)
-        return pa.RecordBatch.from_arrays(
-            [
-                pa.array([self.src] * n, pa.uint64()),
-                self._seqs(n),
-                pa.array([c[0] // 1000 for c in configs], pa.int64()).cast(schema.CONFIGS.field("ts").type),
-                pa.array([self.client_id] * n, pa.string()),
-                pa.array([self.client_type] * n, pa.string()),
-                pa.array([self.group_id] * n, pa.string()),
-                pa.array([c[1] for c in configs], pa.string()),
-            ],
-            schema=schema.CONFIGS,
-        )
+        first = self._seq_block(len(configs))
+        rows = [
+            {
+                "src": self.src,
+                "seq": first + i,
+                "ts": ts // 1000,
+                "client_id": self.client_id,
+                "client_type": self.client_type,
+                "group_id": self.group_id,
+                "config": doc,
+            }
+            for i, (ts, doc) in enumerate(configs)
+        ]
+        return _rows_batch(rows, _CONFIG_ROW, schema.CONFIGS, self.internal_error)
+
+
+_STATS_ROW = pa.struct(list(schema.STATS))
+_CONFIG_ROW = pa.struct(list(schema.CONFIGS))
+
+
+_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError)
+
+
+def _rows_batch(
+    rows: list[dict[str, Any]], row_type: pa.StructType, table: pa.Schema, on_error: Callable[[Exception], None]
+) -> pa.RecordBatch:
+    """A batch of `table` from rows as dicts (missing or None values are null), in one conversion.
+
+    A value of the wrong type (a statistics document with a string where a count
+    belongs, say) costs only its own row's typed values: that row keeps the columns
+    its table cannot do without (ids, time, raw text) and the error is reported.
+    """
+    try:
+        arr = pa.array(rows, row_type)
+    except _CONVERSION_ERRORS:
+        kept = []
+        for row in rows:
+            try:
+                pa.array([row], row_type)
+            except _CONVERSION_ERRORS as exc:
+                on_error(exc)
+                row = {k: v for k, v in row.items() if k in _ESSENTIAL}
+            kept.append(row)
+        arr = pa.array(kept, row_type)
+    return pa.RecordBatch.from_struct_array(arr).replace_schema_metadata(table.metadata)
+
+
+# What a stats or config row keeps when its other values do not convert.
+_ESSENTIAL = frozenset({"src", "seq", "ts", "client_id", "client_type", "raw", "config"})
 
 
 def _rows(payload: bytes) -> int:

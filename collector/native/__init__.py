@@ -32,7 +32,7 @@ import pyarrow as pa
 from collector import schema
 from collector.native import build
 
-_ABI = 5
+_ABI = 6
 _MIN_LIBRDKAFKA = 0x02000000
 SOURCE_PROPERTY = "keytrace.src"
 MAX_RECORDS_PROPERTY = "keytrace.max.records"
@@ -104,6 +104,84 @@ class _Columns(ctypes.Structure):
     ]
 
 
+class _Str(ctypes.Structure):
+    _fields_ = [("p", ctypes.c_char_p), ("len", ctypes.c_int64)]
+
+
+_NSLOTS = _NCOLS + 4  # the drained columns, then key_data, client_id, group_id, member_id
+_NKINDS = 4
+_MAX_META = 4
+
+
+class _ExportNames(ctypes.Structure):
+    _fields_ = [
+        ("slot_name", _Str * _NSLOTS),
+        ("nullable", ctypes.c_int8 * _NSLOTS),
+        ("order", ctypes.c_int8 * _NSLOTS),
+        ("kinds", _Str * _NKINDS),
+        ("meta", (_Str * 2) * _MAX_META),
+        ("nmeta", ctypes.c_int32),
+        ("wire_key", _Str),
+        ("wire_value", _Str),
+        ("src_key", _Str),
+        ("seq_key", _Str),
+        ("enc_key", _Str),
+        ("enc_value", _Str),
+        ("base_key", _Str),
+        ("patch_key", _Str),
+    ]
+
+
+class _ExportArgs(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_uint64), ("first_seq", ctypes.c_uint64), ("constant", _Str * 3)]
+
+
+def _str(b: bytes) -> _Str:
+    return _Str(b, len(b))
+
+
+def _export_names() -> _ExportNames:
+    """What kt_export_batch calls the wire form's fields and metadata (collector.schema's names)."""
+    slots = [("key_len" if c == "key" else c) for c in _NATIVE_COLUMNS] + [
+        "key_data",
+        "client_id",
+        "group_id",
+        "member_id",
+    ]
+    names = _ExportNames()
+    for i, name in enumerate(slots):
+        names.slot_name[i] = _str(name.encode())
+        names.nullable[i] = name == "key_len" or name not in schema.EVENTS.names or schema.EVENTS.field(name).nullable
+    order = [
+        slots.index(p)
+        for f in schema.EVENTS.names
+        for p in (("key_len", "key_data") if f == "key" else (f,))
+        if p in slots
+    ]
+    assert sorted(order) == list(range(_NSLOTS)), order
+    names.order[:] = order
+    for i, kind in enumerate(_KIND_CODES):
+        names.kinds[i] = _str(kind.encode())
+    meta = list(schema.EVENTS.metadata.items())
+    assert len(meta) <= _MAX_META
+    for i, (k, v) in enumerate(meta):
+        names.meta[i][0], names.meta[i][1] = _str(k), _str(v)
+    names.nmeta = len(meta)
+    names.wire_key, names.wire_value = _str(schema.META_WIRE), _str(schema.WIRE_ENCODED)
+    names.src_key, names.seq_key = _str(schema.META_SRC), _str(schema.META_SEQ_LO)
+    names.enc_key, names.enc_value = _str(schema.META_ENC), _str(schema.ENC_DELTA)
+    names.base_key, names.patch_key = _str(schema.META_BASE), _str(schema.META_PATCH)
+    return names
+
+
+# The kind column's codes (the plugin's enum), as strings.
+_KIND_CODES = (schema.SEND, schema.ACK, schema.ERROR, schema.CONSUME)
+_NAMES = _export_names()
+# Room for the root ArrowArray (80 bytes) and ArrowSchema (72 bytes) that pyarrow imports.
+_ArrowArray = ctypes.c_uint64 * 10
+_ArrowSchema = ctypes.c_uint64 * 9
+
+
 @dataclass(frozen=True)
 class Status:
     """Counters of one client instance, totals since it was created."""
@@ -119,6 +197,9 @@ class _Plugin:
     lib: ctypes.CDLL
     path: str
     librdkafka: str
+    # The same library, called with the GIL held: for calls that take microseconds, where
+    # releasing the GIL would only hand it to another thread and wait to get it back.
+    held: ctypes.PyDLL
 
 
 def _loaded_librdkafka() -> str:
@@ -216,7 +297,17 @@ def _load() -> _Plugin:
     table = (ctypes.c_void_p * len(_API))(*(ctypes.cast(getattr(rdk, name), ctypes.c_void_p).value for name in _API))
     if lib.kt_bind(table, len(_API)) != 0:
         raise NativeUnavailable("kt_bind rejected the librdkafka function table")
-    return _Plugin(lib, str(path), rdk_path)
+    held = ctypes.PyDLL(str(path))
+    held.kt_export_batch.argtypes = [
+        ctypes.POINTER(_Columns),
+        ctypes.POINTER(_ExportNames),
+        ctypes.POINTER(_ExportArgs),
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
+    held.kt_status.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Columns)]
+    held.kt_exports_live.restype = ctypes.c_int64
+    return _Plugin(lib, str(path), rdk_path, held)
 
 
 _ext_lock = threading.Lock()
@@ -314,7 +405,7 @@ def status(src: int) -> Status | None:
     """Counters of ``src``, or None if no client with that id exists (or it was forgotten)."""
     out = _Columns()
     with _lock:
-        if _plugin().lib.kt_status(src, ctypes.byref(out)) != 0:
+        if _plugin().held.kt_status(src, ctypes.byref(out)) != 0:
             return None
     return Status(out.recorded, out.dropped, out.n, out.live)
 
@@ -341,33 +432,15 @@ def clock() -> str:
         return "tsc" if _plugin().lib.kt_uses_tsc() else "realtime"
 
 
+def exports_live() -> int:
+    """Drained batches whose memory is still held (by pyarrow objects) in this process."""
+    return _plugin().held.kt_exports_live()
+
+
 def forget(src: int) -> None:
     """Release the buffers of ``src`` once its clients are destroyed; drain it first."""
     with _lock:
         _plugin().lib.kt_forget(src)
-
-
-class _Block:
-    """Owner of one kt_drain_columns allocation; Arrow buffers keep it alive, the last one frees it."""
-
-    __slots__ = ("address", "size", "free")
-
-    def __init__(self, address: int, size: int, free: Any) -> None:
-        self.address, self.size, self.free = address, size, free
-
-    def __del__(self) -> None:
-        self.free(self.address, self.size)
-
-
-# kt_drain_columns writes kind as an int8 code into this list (the plugin's enum).
-_KINDS = pa.array([schema.SEND, schema.ACK, schema.ERROR, schema.CONSUME], pa.string())
-# Physical types of the columns that the plugin writes as dictionary indices.
-_INDEX_TYPES = {"kind": pa.int8(), "topic": pa.int16()}
-# Columns that the plugin writes as differences from the previous row (kt_delta), 1 to 8 bytes wide.
-_DELTA_COLUMNS = frozenset({"ts", "offset", "latency_us", "msg_ts_ms"})
-# Integer columns that it narrows to the fewest bytes holding every value.
-_NARROWED_COLUMNS = frozenset({"partition", "value_size", "attempt", "error_code"})
-_WIDTHS = {1: pa.int8(), 2: pa.int16(), 4: pa.int32(), 8: pa.int64()}
 
 
 def drain(
@@ -383,65 +456,27 @@ def drain(
 
     Rows get ``seq`` values ``first_seq, first_seq + 1, ...``; the caller advances its own
     counter by ``num_rows``. ``client_id``, ``group_id`` and ``member_id`` fill every row.
-    The conversion runs in C without the GIL; the batch's buffers are its own (no copy).
+    The conversion runs in C without the GIL, and the batch comes to pyarrow through
+    Arrow's C data interface in one call; its buffers are the plugin's own (no copy).
     With ``wire=True`` the batch is in the encoded wire form ("compact2", see
     ``collector/schema.py``) that ``schema.to_ipc`` ships as it is; otherwise it is decoded
     into the store's form (``schema.from_wire``).
     """
-    lib = _plugin().lib
+    plugin = _plugin()
     out = _Columns()
     with _lock:
-        rc = lib.kt_drain_columns(src, ctypes.byref(out))
+        rc = plugin.lib.kt_drain_columns(src, ctypes.byref(out))
     if rc != 0 or out.n == 0:
         return None
-    n = out.n
-    block = pa.foreign_buffer(out.block, out.block_len, base=_Block(out.block, out.block_len, lib.kt_free))
-
-    def buffer(span: _Span) -> pa.Buffer:
-        return block.slice(span.off, span.len)
-
-    topics = pa.Array.from_buffers(pa.string(), out.ntopics, [None, buffer(out.topic_offsets), buffer(out.buf[3][2])])
-    columns: dict[str, pa.Array] = {}
-    bases: dict[str, int] = {}
-    patches: dict[str, list[tuple[int, int]]] = {}
-    for c, name in enumerate(_NATIVE_COLUMNS):
-        spans = out.buf[c]
-        nulls = out.null_count[c]
-        if nulls == n or name == "seq":
-            continue
-        validity = buffer(spans[0]) if nulls else None
-        buffers = [validity, buffer(spans[1])]
-        if name in _INDEX_TYPES:
-            indices = pa.Array.from_buffers(_INDEX_TYPES[name], n, buffers, null_count=nulls)
-            # safe=False: the C drain wrote only indices within the dictionary (a kind code,
-            # or a topic index below ntopics, else null), and checking them would release and
-            # retake the GIL, each time a wait for the application's thread (the collector
-            # checks every batch it reads in full anyway).
-            columns[name] = pa.DictionaryArray.from_arrays(indices, _KINDS if name == "kind" else topics, safe=False)
-        elif name in _DELTA_COLUMNS:
-            columns[name] = pa.Array.from_buffers(_WIDTHS[out.width[c]], n, buffers, null_count=nulls)
-            bases[name] = out.base[c]
-            k = out.npatch[c]
-            if k:
-                patches[name] = list(zip(out.patch_row[c][:k], out.patch_val[c][:k], strict=True))
-        elif name in _NARROWED_COLUMNS:
-            columns[name] = pa.Array.from_buffers(_WIDTHS[out.width[c]], n, buffers, null_count=nulls)
-        elif name == "key":
-            columns["key_len"] = pa.Array.from_buffers(_WIDTHS[out.width[c]], n, buffers, null_count=nulls)
-            columns["key_data"] = pa.Array.from_buffers(
-                pa.binary(), n, [None, buffer(out.key_data_offsets), buffer(spans[2])]
-            )
-        else:
-            typ = schema.EVENTS.field(name).type
-            if pa.types.is_string(typ) or pa.types.is_binary(typ):
-                buffers.append(buffer(spans[2]))
-            columns[name] = pa.Array.from_buffers(typ, n, buffers, null_count=nulls)
-    for name, value in (("client_id", client_id), ("group_id", group_id), ("member_id", member_id)):
+    args = _ExportArgs(src=src, first_seq=first_seq)
+    for i, value in enumerate((client_id, group_id, member_id)):
         if value is not None:
-            columns[name] = pa.DictionaryArray.from_arrays(
-                pa.Array.from_buffers(pa.int8(), n, [None, pa.py_buffer(bytes(n))]), pa.array([value]), safe=False
-            )
-    batch = schema.wire_batch(columns, n, src=src, seq_lo=first_seq, bases=bases, patches=patches)
+            args.constant[i] = _str(value.encode())
+    array, c_schema = _ArrowArray(), _ArrowSchema()
+    if plugin.held.kt_export_batch(ctypes.byref(out), ctypes.byref(_NAMES), ctypes.byref(args), c_schema, array):
+        plugin.lib.kt_free(out.block, out.block_len)
+        raise MemoryError(f"keytrace: no memory to export {out.n} drained events")
+    batch = pa.RecordBatch._import_from_c(ctypes.addressof(array), ctypes.addressof(c_schema))
     return batch if wire else schema.from_wire(batch)
 
 

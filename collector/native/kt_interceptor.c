@@ -24,7 +24,7 @@
 #include <string.h>
 #include <time.h>
 
-#define KT_ABI 5
+#define KT_ABI 6
 #define KT_EXPORT __attribute__((visibility("default")))
 /* Loops over whole columns in the drain: let the compiler use vector instructions (-O2 barely does). */
 #if defined(__GNUC__) && !defined(__clang__)
@@ -1214,6 +1214,374 @@ KT_EXPORT void kt_free(void *block, uint64_t size) {
     }
     pthread_mutex_unlock(&pool_mu);
     free(block);
+}
+
+/*
+ * kt_export_batch: the drained columns as one record batch in Arrow's C data interface
+ * (https://arrow.apache.org/docs/format/CDataInterface.html), in the encoded wire form
+ * that collector.schema describes. pyarrow imports it with one call, which releases the
+ * GIL once; building the same batch column by column from Python releases it on every
+ * array (each validates itself without the GIL), and each time the application's thread
+ * may be left waiting to get it back. Everything here is pointer and metadata work,
+ * without copying the column data.
+ *
+ * The caller names everything (kt_export_names), so that the names live in
+ * collector/schema.py only. Field slots: 0..KT_NCOLS-1 are the drained columns (C_KEY
+ * stands for the key lengths), then the key bytes and the three constant strings.
+ * On success the batch owns the block: the last release of any of its structures
+ * frees it (kt_free). On failure nothing is taken and the caller frees the block.
+ */
+struct ArrowSchema {
+    const char *format;
+    const char *name;
+    const char *metadata;
+    int64_t flags;
+    int64_t n_children;
+    struct ArrowSchema **children;
+    struct ArrowSchema *dictionary;
+    void (*release)(struct ArrowSchema *);
+    void *private_data;
+};
+
+struct ArrowArray {
+    int64_t length;
+    int64_t null_count;
+    int64_t offset;
+    int64_t n_buffers;
+    int64_t n_children;
+    const void **buffers;
+    struct ArrowArray **children;
+    struct ArrowArray *dictionary;
+    void (*release)(struct ArrowArray *);
+    void *private_data;
+};
+
+#define ARROW_FLAG_NULLABLE 2
+
+enum { S_KEY_DATA = KT_NCOLS, S_CLIENT_ID, S_GROUP_ID, S_MEMBER_ID, KT_NSLOTS };
+#define KT_NKINDS 4
+#define KT_MAX_META 4
+
+typedef struct {
+    const char *p;
+    int64_t len;
+} kt_str;
+
+typedef struct {
+    kt_str slot_name[KT_NSLOTS];
+    int8_t nullable[KT_NSLOTS];
+    int8_t order[KT_NSLOTS]; /* slots in the order of the schema's fields */
+    kt_str kinds[KT_NKINDS];  /* the kind column's dictionary, by code */
+    kt_str meta[KT_MAX_META][2]; /* the schema's own metadata pairs, in order */
+    int32_t nmeta;
+    kt_str wire_key, wire_value, src_key, seq_key;
+    kt_str enc_key, enc_value, base_key, patch_key;
+} kt_export_names;
+
+typedef struct {
+    uint64_t src;
+    uint64_t first_seq;
+    kt_str constant[3]; /* client_id, group_id, member_id; p == NULL: the column is left out */
+} kt_export_args;
+
+/* Arrays: the root, a field per slot, the dictionaries of kind, topic and the three constants. */
+#define KT_XARRAYS (1 + KT_NSLOTS + 5)
+
+typedef struct {
+    int refs; /* structures handed out and not yet released */
+    void *block;
+    uint64_t block_len;
+    struct ArrowArray arrays[KT_XARRAYS];
+    struct ArrowSchema schemas[KT_XARRAYS];
+    struct ArrowArray *array_children[KT_NSLOTS];
+    struct ArrowSchema *schema_children[KT_NSLOTS];
+    const void *buffers[KT_XARRAYS][3];
+    int32_t offsets[4][KT_NKINDS + 1]; /* the kind dictionary's, and each constant's */
+    char *text;                         /* names, string values and metadata, in `chars` */
+    uint64_t text_len, text_cap;
+    int overflow;                       /* text_cap was too small: the export fails */
+    uint8_t *zeros;                     /* n zero bytes: the constants' indices */
+    char chars[];
+} kt_export;
+
+static int64_t exports_live; /* batches exported and not yet released: for tests */
+
+static void export_unref(kt_export *x) {
+    if (__atomic_sub_fetch(&x->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        kt_free(x->block, x->block_len);
+        free(x->zeros);
+        free(x);
+        __atomic_sub_fetch(&exports_live, 1, __ATOMIC_RELAXED);
+    }
+}
+
+KT_EXPORT int64_t kt_exports_live(void) { return __atomic_load_n(&exports_live, __ATOMIC_RELAXED); }
+
+static void array_release(struct ArrowArray *a) {
+    int64_t i;
+    if (!a->release)
+        return;
+    for (i = 0; i < a->n_children; i++)
+        if (a->children[i]->release)
+            a->children[i]->release(a->children[i]);
+    if (a->dictionary && a->dictionary->release)
+        a->dictionary->release(a->dictionary);
+    a->release = NULL;
+    export_unref((kt_export *)a->private_data);
+}
+
+static void schema_release(struct ArrowSchema *s) {
+    int64_t i;
+    if (!s->release)
+        return;
+    for (i = 0; i < s->n_children; i++)
+        if (s->children[i]->release)
+            s->children[i]->release(s->children[i]);
+    if (s->dictionary && s->dictionary->release)
+        s->dictionary->release(s->dictionary);
+    s->release = NULL;
+    export_unref((kt_export *)s->private_data);
+}
+
+/* Appends to x->text; returns where the bytes start. */
+static char *put(kt_export *x, const void *p, uint64_t len) {
+    char *at = x->text + x->text_len;
+    if (len > x->text_cap - x->text_len) {
+        x->overflow = 1;
+        return x->text;
+    }
+    if (len)
+        memcpy(at, p, len);
+    x->text_len += len;
+    return at;
+}
+
+static char *put_str(kt_export *x, kt_str s) {
+    char *at = put(x, s.p, (uint64_t)s.len);
+    put(x, "", 1);
+    return at;
+}
+
+static void put_i32(kt_export *x, int32_t v) { put(x, &v, 4); }
+
+static void put_pair(kt_export *x, kt_str k, const char *v, int64_t vlen) {
+    put_i32(x, (int32_t)k.len);
+    put(x, k.p, (uint64_t)k.len);
+    put_i32(x, (int32_t)vlen);
+    put(x, v, (uint64_t)vlen);
+}
+
+static const char *int_format(int64_t width) {
+    return width == 1 ? "c" : width == 2 ? "s" : width == 4 ? "i" : "l";
+}
+
+static void init_array(kt_export *x, struct ArrowArray *a, const void **bufs, int64_t length, int64_t nulls,
+                       int64_t nbuf) {
+    memset(a, 0, sizeof(*a));
+    a->length = length;
+    a->null_count = nulls;
+    a->n_buffers = nbuf;
+    a->buffers = bufs;
+    a->release = array_release;
+    a->private_data = x;
+}
+
+static void init_schema(kt_export *x, struct ArrowSchema *s, const char *format, const char *name, int64_t flags) {
+    memset(s, 0, sizeof(*s));
+    s->format = format;
+    s->name = name;
+    s->flags = flags;
+    s->release = schema_release;
+    s->private_data = x;
+}
+
+KT_EXPORT int kt_export_batch(const kt_columns *c, const kt_export_names *nm, const kt_export_args *args,
+                              struct ArrowSchema *out_schema, struct ArrowArray *out_array) {
+    const uint8_t *blk = c->block;
+    uint64_t n = c->n, cap = 1024;
+    int slot, k, nf = 0, na = 0;
+    kt_export *x;
+    char num[32];
+
+    if (!blk || !n)
+        return -1;
+    /* Text: the names, the constants' values, and the metadata (numbers and patches are short). */
+    for (slot = 0; slot < KT_NSLOTS; slot++)
+        cap += (uint64_t)nm->slot_name[slot].len + 1 + 128;
+    for (k = 0; k < KT_NKINDS; k++)
+        cap += (uint64_t)nm->kinds[k].len;
+    for (k = 0; k < nm->nmeta; k++)
+        cap += (uint64_t)(nm->meta[k][0].len + nm->meta[k][1].len) + 8;
+    for (k = 0; k < 3; k++)
+        cap += (uint64_t)args->constant[k].len + 1;
+    cap += 4 * (uint64_t)(nm->wire_key.len + nm->wire_value.len + nm->src_key.len + nm->seq_key.len + nm->enc_key.len +
+                          nm->enc_value.len + nm->base_key.len + nm->patch_key.len + 64);
+    x = calloc(1, sizeof(*x) + cap);
+    if (!x)
+        return -1;
+    x->text = x->chars;
+    x->text_cap = cap;
+    if (args->constant[0].p || args->constant[1].p || args->constant[2].p) {
+        x->zeros = calloc(1, n);
+        if (!x->zeros) {
+            free(x);
+            return -1;
+        }
+    }
+
+#define BUF(span) ((const void *)(blk + (span).off))
+    {
+        struct ArrowArray *root = &x->arrays[na++];
+        struct ArrowSchema *rs = &x->schemas[0];
+        const char *meta = x->text + x->text_len;
+        int nmeta = nm->nmeta + 3;
+
+        /* The schema's metadata: its own pairs, then the wire form's marker, src and the first seq. */
+        put_i32(x, nmeta);
+        for (k = 0; k < nm->nmeta; k++)
+            put_pair(x, nm->meta[k][0], nm->meta[k][1].p, nm->meta[k][1].len);
+        put_pair(x, nm->wire_key, nm->wire_value.p, nm->wire_value.len);
+        put_pair(x, nm->src_key, num, snprintf(num, sizeof(num), "%" PRIu64, args->src));
+        put_pair(x, nm->seq_key, num, snprintf(num, sizeof(num), "%" PRIu64, args->first_seq));
+
+        init_array(x, root, x->buffers[0], (int64_t)n, 0, 1);
+        x->buffers[0][0] = NULL;
+        root->children = x->array_children;
+        init_schema(x, rs, "+s", "", 0);
+        rs->metadata = meta;
+        rs->children = x->schema_children;
+
+        for (k = 0; k < KT_NSLOTS; k++) {
+            int col = nm->order[k];
+            struct ArrowArray *a;
+            struct ArrowSchema *s;
+            struct ArrowArray *dict = NULL;
+            struct ArrowSchema *dict_s = NULL;
+            const void **bufs;
+            const char *format;
+            int64_t nulls = 0, flags = nm->nullable[col] ? ARROW_FLAG_NULLABLE : 0;
+
+            if (col < KT_NCOLS) {
+                if (col == C_SEQ || c->null_count[col] >= (int64_t)n)
+                    continue;
+                nulls = c->null_count[col];
+            } else if (col == S_KEY_DATA) {
+                if (c->null_count[C_KEY] >= (int64_t)n)
+                    continue;
+            } else if (!args->constant[col - S_CLIENT_ID].p) {
+                continue;
+            }
+            a = &x->arrays[na];
+            s = &x->schemas[na];
+            bufs = x->buffers[na];
+            na++;
+            init_array(x, a, bufs, (int64_t)n, nulls, 2);
+            bufs[0] = nulls ? BUF(c->buf[col < KT_NCOLS ? col : C_KEY][0]) : NULL;
+            if (col < KT_NCOLS)
+                bufs[1] = BUF(c->buf[col][1]);
+            switch (col) {
+            case C_KIND:
+            case C_TOPIC:
+                format = col == C_KIND ? "c" : "s";
+                dict = &x->arrays[na];
+                dict_s = &x->schemas[na];
+                na++;
+                if (col == C_KIND) {
+                    int32_t o = 0;
+                    const void **db = x->buffers[dict - x->arrays];
+                    const char *chars = x->text + x->text_len;
+                    for (int j = 0; j < KT_NKINDS; j++) {
+                        x->offsets[0][j] = o;
+                        put(x, nm->kinds[j].p, (uint64_t)nm->kinds[j].len);
+                        o += (int32_t)nm->kinds[j].len;
+                    }
+                    x->offsets[0][KT_NKINDS] = o;
+                    init_array(x, dict, db, KT_NKINDS, 0, 3);
+                    db[0] = NULL, db[1] = x->offsets[0], db[2] = chars;
+                } else {
+                    const void **db = x->buffers[dict - x->arrays];
+                    init_array(x, dict, db, (int64_t)c->ntopics, 0, 3);
+                    db[0] = NULL, db[1] = BUF(c->topic_offsets), db[2] = BUF(c->buf[C_TOPIC][2]);
+                }
+                init_schema(x, dict_s, "u", NULL, ARROW_FLAG_NULLABLE);
+                break;
+            case C_ERR_NAME:
+            case C_ERR_MESSAGE:
+                format = "u";
+                a->n_buffers = 3;
+                bufs[2] = BUF(c->buf[col][2]);
+                break;
+            case C_ERR_RETRIABLE:
+                format = "b";
+                break;
+            case S_KEY_DATA:
+                format = "z";
+                a->n_buffers = 3;
+                bufs[1] = BUF(c->key_data_offsets);
+                bufs[2] = BUF(c->buf[C_KEY][2]);
+                break;
+            case S_CLIENT_ID:
+            case S_GROUP_ID:
+            case S_MEMBER_ID: {
+                kt_str v = args->constant[col - S_CLIENT_ID];
+                int32_t *o = x->offsets[1 + col - S_CLIENT_ID];
+                const void **db;
+                format = "c";
+                bufs[1] = x->zeros;
+                dict = &x->arrays[na];
+                dict_s = &x->schemas[na];
+                db = x->buffers[na];
+                na++;
+                o[0] = 0, o[1] = (int32_t)v.len;
+                init_array(x, dict, db, 1, 0, 3);
+                db[0] = NULL, db[1] = o, db[2] = put(x, v.p, (uint64_t)v.len);
+                init_schema(x, dict_s, "u", NULL, ARROW_FLAG_NULLABLE);
+                break;
+            }
+            default: /* integers, narrowed to width[col] bytes */
+                format = int_format(c->width[col]);
+            }
+            a->dictionary = dict;
+            init_schema(x, s, format, put_str(x, nm->slot_name[col]), flags);
+            s->dictionary = dict_s;
+            if (col == C_TS || col == C_OFFSET || col == C_LATENCY || col == C_MSG_TS) {
+                /* Delta-encoded: the encoding, its base, and the differences that did not fit. */
+                char patch[64 * KT_MAX_PATCHES] = "";
+                int plen = 0;
+                for (int j = 0; j < c->npatch[col]; j++)
+                    plen += snprintf(patch + plen, sizeof(patch) - (size_t)plen, "%s%" PRIu64 ":%" PRId64, j ? "," : "",
+                                     c->patch_row[col][j], c->patch_val[col][j]);
+                s->metadata = x->text + x->text_len;
+                put_i32(x, plen ? 3 : 2);
+                put_pair(x, nm->enc_key, nm->enc_value.p, nm->enc_value.len);
+                put_pair(x, nm->base_key, num, snprintf(num, sizeof(num), "%" PRId64, c->base[col]));
+                if (plen)
+                    put_pair(x, nm->patch_key, patch, plen);
+            }
+            x->array_children[nf] = a;
+            x->schema_children[nf] = s;
+            nf++;
+        }
+        root->n_children = nf;
+        rs->n_children = nf;
+        if (nf == 0 || x->overflow) {
+            free(x->zeros);
+            free(x);
+            return -1;
+        }
+        /* One reference per structure: every array, and every schema at the same index as
+           its array. The roots move to the caller's structures, which release them. */
+        x->refs = 2 * na;
+        __atomic_add_fetch(&exports_live, 1, __ATOMIC_RELAXED);
+        x->block = c->block;
+        x->block_len = c->block_len;
+        *out_array = *root;
+        root->release = NULL;
+        *out_schema = *rs;
+        rs->release = NULL;
+    }
+#undef BUF
+    return 0;
 }
 
 /* Counters only; n is what the next drain would return. */

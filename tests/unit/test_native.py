@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
@@ -19,7 +20,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from collector import native
 from collector.mockcluster import MockCluster
-from collector.schema import EVENTS, META_WIRE, WIRE_ENCODED, from_ipc, table_of, to_ipc
+from collector.schema import EVENTS, META_WIRE, WIRE_ENCODED, from_ipc, from_wire, table_of, to_ipc, wire_batch
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native plugin: {native.unavailable_reason()}")
 
@@ -173,6 +174,43 @@ def test_drains_travel_encoded_and_far_apart_values_stay_64_bit(
     assert p.flush(10) == 0
     again = native.drain(src, first_seq=15)
     assert again is not None and again.schema == EVENTS and [e["key"] for e in rows(again)] == [b"again"] * 2
+
+
+def test_a_drain_is_the_wire_form_in_one_import_and_frees_its_memory_when_released(
+    mock_cluster: MockCluster, mock_topic: str, src: int
+) -> None:
+    p = confluent_kafka.Producer(native.configure({"bootstrap.servers": mock_cluster.bootstrap_servers}, src))
+    for key in (b"a", None, b"", b"\xff\x00binary", b"k" * 1000):
+        p.produce(mock_topic, b"v" * 10, key)
+    assert p.flush(10) == 0
+    before = native.exports_live()
+    wire = native.drain(src, first_seq=3, client_id="app", group_id="", member_id="m-1", wire=True)
+    assert wire is not None and wire.num_rows == 10
+    wire.validate(full=True)
+    # The same batch as collector.schema builds from those columns: names, types, order,
+    # nullability, the field metadata of the delta columns, and the schema's metadata.
+    bases, patches = {}, {}
+    for f in wire.schema:
+        if f.metadata and f.metadata.get(b"keytrace.enc") == b"delta":
+            bases[f.name] = int(f.metadata[b"keytrace.base"])
+            text = f.metadata.get(b"keytrace.patch", b"")
+            patches[f.name] = [tuple(map(int, x.split(b":"))) for x in text.split(b",")] if text else []
+    columns = dict(zip(wire.schema.names, wire.columns, strict=True))
+    reference = wire_batch(columns, wire.num_rows, src=src, seq_lo=3, bases=bases, patches=patches)
+    assert wire.schema.equals(reference.schema, check_metadata=True), (wire.schema, reference.schema)
+    events = from_wire(wire).to_pylist()
+    assert [e["seq"] for e in events] == list(range(3, 13))
+    assert {(e["client_id"], e["group_id"], e["member_id"]) for e in events} == {("app", "", "m-1")}
+    assert [e["key"] for e in events if e["kind"] == "send"] == [b"a", None, b"", b"\xff\x00binary", b"k" * 1000]
+    # The plugin's memory lives as long as any array that pyarrow made from it.
+    assert native.exports_live() == before + 1
+    kept = wire.column("key_data").slice(0, 1)
+    del wire, columns, reference
+    gc.collect()
+    assert native.exports_live() == before + 1 and kept[0].as_py().startswith(b"a")
+    del kept
+    gc.collect()
+    assert native.exports_live() == before
 
 
 def test_delivery_failures_are_errors(src: int) -> None:

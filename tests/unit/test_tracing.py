@@ -322,6 +322,27 @@ def test_statistics_become_typed_rows(mock_cluster: MockCluster, mock_topic: str
     assert "hunter2" not in str(tables["configs"].to_pylist())
 
 
+def test_a_statistics_value_of_the_wrong_type_costs_only_its_own_columns(spool_sink: tuple[str, Path]) -> None:
+    # librdkafka writes well-formed documents, so the bad ones are put straight into the
+    # client's stats buffer, where its stats_cb puts what librdkafka hands it.
+    sink, directory = spool_sink
+    p = TracedProducer({"bootstrap.servers": "127.0.0.1:1"}, sink=sink, trace_options={"stats_interval_ms": 0})
+    good = json.dumps({"type": "producer", "msg_cnt": 7, "msg_max": 100})
+    wrong_type = json.dumps({"type": "producer", "msg_cnt": "seven", "msg_max": 100})
+    not_json = "{not json"
+    now = time.time_ns()
+    p._kt_tracer.stats_docs.extend([(now, good), (now + 1000, wrong_type), (now + 2000, not_json)])
+    p.purge()
+    p.close()
+    rows = sorted(read_spool(directory)["stats"].to_pylist(), key=lambda r: r["ts"])
+    assert [r["raw"] for r in rows] == [good, wrong_type, not_json], "every document is kept"
+    assert rows[0]["msg_cnt"] == 7 and rows[0]["msg_max"] == 100
+    assert rows[1]["msg_cnt"] is None and rows[1]["msg_max"] is None, "the row that does not convert keeps its raw text"
+    assert rows[1]["client_type"] == rows[2]["client_type"] == "producer"
+    assert len({r["seq"] for r in rows}) == 3
+    assert p.trace_status()["internal_errors"] == 2, "the wrong type and the bad JSON are both reported"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
 def test_shipper_thread_runs_at_lower_priority(mock_topic: str, spool_sink: tuple[str, Path]) -> None:
     sink, _ = spool_sink
