@@ -41,6 +41,9 @@ class TracedConsumer(confluent_kafka.Consumer):
     Extra keyword arguments: `sink` (trace sink URI) and `trace_options`.
     """
 
+    # Slots, as in TracedProducer: no instance dict for `c.poll` to probe first.
+    __slots__ = ("_kt_record_commit", "_kt_native", "_kt_tracer", "_kt_consumes", "__weakref__")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         conf, own = split_conf(args, kwargs)
         options, sink_uri = build_options(conf, own)

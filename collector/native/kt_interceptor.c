@@ -456,7 +456,7 @@ static void buf_release(kt_buf *b) {
 }
 
 /* Resident memory a stash may hold: a client that was busier than this frees its buffers at the end. */
-#define KT_STASH_MAX_BYTES (64u << 20)
+#define KT_STASH_MAX_BYTES (128u << 20)
 
 /* Give the instance's buffers to the stash, in place of what it held; called when the instance is freed. */
 static void bufs_put(kt_inst *in) {

@@ -71,6 +71,10 @@ def test_producer_dunders(mock_cluster: Any, mock_topic: str, tmp_path: Path) ->
         assert bool(p) is bool(confluent_kafka.Producer(conf))
         p.flush(5)
         assert len(p) == 0
+        # Like a plain Producer, a traced one takes no attributes of the caller's own.
+        for client in (p, confluent_kafka.Producer(conf)):
+            with pytest.raises(AttributeError):
+                client.note = "x"  # type: ignore[attr-defined]
 
 
 def test_produce_positional_and_keyword_arguments(mock_cluster: Any, mock_topic: str, tmp_path: Path) -> None:

@@ -561,7 +561,7 @@ def test_a_new_client_takes_over_a_freed_clients_buffers_empty(
 
 def test_a_busy_clients_buffers_are_freed_not_kept(mock_cluster: MockCluster, mock_topic: str, src: int) -> None:
     # 600 keys of 64 KiB: about 38 MiB of keys per lane, and the drain writes twice that
-    # ahead, so the client's buffers hold more than the 64 MiB a stash may keep.
+    # ahead, so the client's buffers hold more than the 128 MiB a stash may keep.
     bounds = {"max_records": 5_001, "max_key_bytes": 96 << 20}
     conf = {"bootstrap.servers": mock_cluster.bootstrap_servers, "message.max.bytes": 1_000_000}
     p = confluent_kafka.Producer(native.configure(conf, src, **bounds))
