@@ -211,7 +211,7 @@ def to_wire(batch: pa.RecordBatch) -> pa.RecordBatch:
     n = batch.num_rows
     columns: dict[str, pa.Array] = {}
     src_id: int | None = src[0].as_py()
-    if not pc.all(pc.equal(src, src_id)).as_py():
+    if not pc.all(pc.equal(src, pa.scalar(src_id, pa.uint64()))).as_py():
         columns["src"], src_id = src, None
     seq_lo: int | None = seq[0].as_py()
     if not np.array_equal(seq.to_numpy(), np.arange(seq_lo, seq_lo + n, dtype=np.uint64)):

@@ -65,6 +65,16 @@ def test_events_travel_compact_and_come_back_identical() -> None:
     assert len(payload) < 0.7 * full.getvalue().size
 
 
+@pytest.mark.parametrize("src", [1, 2**63 - 1, 2**63, 2**64 - 1])
+def test_any_64_bit_client_id_travels_in_the_metadata(src: int) -> None:
+    # Client ids are random 64-bit numbers: half of them are 2**63 or more.
+    batch = events(10, src=src)
+    wire = to_wire(batch)
+    assert is_wire(wire) and "src" not in wire.schema.names and wire.schema.metadata[META_SRC] == str(src).encode()
+    (back,) = from_ipc(to_ipc(batch))
+    assert back.equals(batch)
+
+
 def test_store_form_batches_are_still_accepted() -> None:
     batch = events(10)
     (back,) = from_ipc(raw_ipc(batch))
