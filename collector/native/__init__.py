@@ -22,6 +22,7 @@ import ctypes
 import importlib.machinery
 import importlib.util
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import pyarrow as pa
 from collector import schema
 from collector.native import build
 
-_ABI = 6
+_ABI = 7
 _MIN_LIBRDKAFKA = 0x02000000
 SOURCE_PROPERTY = "keytrace.src"
 MAX_RECORDS_PROPERTY = "keytrace.max.records"
@@ -297,6 +298,10 @@ def _load() -> _Plugin:
     table = (ctypes.c_void_p * len(_API))(*(ctypes.cast(getattr(rdk, name), ctypes.c_void_p).value for name in _API))
     if lib.kt_bind(table, len(_API)) != 0:
         raise NativeUnavailable("kt_bind rejected the librdkafka function table")
+    # Sends may skip the lane lock when the GIL already keeps produce() calls apart
+    # (kt_interceptor.c, "Single-writer mode"); a free-threaded interpreter keeps it.
+    lib.kt_single_writer.argtypes = [ctypes.c_int]
+    lib.kt_single_writer(int(getattr(sys, "_is_gil_enabled", lambda: True)()))
     held = ctypes.PyDLL(str(path))
     held.kt_export_batch.argtypes = [
         ctypes.POINTER(_Columns),
@@ -307,6 +312,8 @@ def _load() -> _Plugin:
     ]
     held.kt_status.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Columns)]
     held.kt_exports_live.restype = ctypes.c_int64
+    held.kt_test_append_spin.argtypes = [ctypes.c_uint32]
+    held.kt_test_append_spin.restype = None
     return _Plugin(lib, str(path), rdk_path, held)
 
 
@@ -430,6 +437,11 @@ def clock() -> str:
     """
     with _lock:
         return "tsc" if _plugin().lib.kt_uses_tsc() else "realtime"
+
+
+def lock_free_sends() -> bool:
+    """Whether sends are recorded without the lane lock (single-writer mode: a GIL and Linux's membarrier)."""
+    return bool(_plugin().held.kt_single_writer(0))
 
 
 def exports_live() -> int:

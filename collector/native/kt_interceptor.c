@@ -23,8 +23,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__linux__)
+#include <linux/membarrier.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
-#define KT_ABI 6
+#define KT_ABI 7
 #define KT_EXPORT __attribute__((visibility("default")))
 /* Loops over whole columns in the drain: let the compiler use vector instructions (-O2 barely does). */
 #if defined(__GNUC__) && !defined(__clang__)
@@ -126,9 +131,10 @@ typedef struct {
  */
 typedef struct {
     volatile int lock; /* lane_lock */
+    volatile int busy; /* the send lane's writer is appending, in single-writer mode (below) */
     kt_buf bufs[2];
     int active;
-    uint64_t recorded;
+    uint64_t recorded; /* written by the appender, read by drains: relaxed atomics */
     uint64_t dropped;
     const rd_kafka_topic_t *last_rkt; /* topic_index's cache */
     int last_topic;
@@ -169,6 +175,83 @@ static inline void lane_lock(kt_lane *lane) {
 }
 
 static inline void lane_unlock(kt_lane *lane) { __atomic_store_n(&lane->lock, 0, __ATOMIC_RELEASE); }
+
+/*
+ * Single-writer mode for the send lane. Its appends come from produce(), which
+ * confluent-kafka calls with the GIL held, so two of them never overlap. The lane then
+ * needs no lock on the application's side: even a spin lock's acquire is a locked
+ * instruction, which waits for the previous append's writes (cache misses, mostly) to
+ * land, and that wait was a third of what an append cost (docs/NATIVE.md). What is left
+ * to order is the drain's swap against an append in flight, an asymmetric handshake:
+ *
+ *   append: busy = 1; (compiler barrier) b = bufs[active]; ...append to b...; busy = 0 (release)
+ *   swap:   active ^= 1 (release); membarrier(); wait until busy == 0
+ *
+ * membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) runs a full memory barrier on every CPU
+ * running a thread of this process, so after it either the appender's `busy = 1` is
+ * visible to the swap, or its read of `active` comes after the swap's write: an append
+ * still using the old buffer is always waited for. The barrier is the drain's (a
+ * syscall a few times a second), not the application's.
+ *
+ * kt_single_writer(1), called from Python before any client exists, turns it on when
+ * the interpreter has a GIL and the kernel offers that membarrier; otherwise the send
+ * lane keeps its lock.
+ */
+static int single_writer;
+
+#if defined(__linux__) && defined(__NR_membarrier)
+static int membarrier_call(int cmd) { return (int)syscall(__NR_membarrier, cmd, 0, 0); }
+#endif
+
+KT_EXPORT int kt_single_writer(int want) {
+#if defined(__linux__) && defined(__NR_membarrier)
+    if (want && !single_writer) {
+        int cmds = membarrier_call(MEMBARRIER_CMD_QUERY);
+        if (cmds > 0 && (cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
+            membarrier_call(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0)
+            single_writer = 1;
+    }
+#else
+    (void)want;
+#endif
+    return single_writer;
+}
+
+static inline int lock_free(int lane_id) { return lane_id == LANE_SEND && single_writer; }
+
+/* After a single-writer lane's `active` changed: wait out an append still on the old buffer. */
+static void quiesce(kt_lane *lane) {
+    int spins = 0;
+#if defined(__linux__) && defined(__NR_membarrier)
+    membarrier_call(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
+#endif
+    while (__atomic_load_n(&lane->busy, __ATOMIC_ACQUIRE)) {
+        if (++spins < KT_LOCK_SPINS) {
+            cpu_relax();
+        } else {
+            sched_yield();
+            spins = 0;
+        }
+    }
+}
+
+/* Tests only (kt_test_append_spin): every 64th append pauses this long between taking its
+   slot and writing it, so that a test can catch a drain swapping the buffer under an append. */
+static volatile uint32_t test_append_spin_ns;
+
+KT_EXPORT void kt_test_append_spin(uint32_t ns) { test_append_spin_ns = ns; }
+
+static void spin_ns(uint32_t ns) {
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    do
+        clock_gettime(CLOCK_MONOTONIC, &b);
+    while ((b.tv_sec - a.tv_sec) * 1000000000LL + (b.tv_nsec - a.tv_nsec) < (long long)ns);
+}
+
+static inline void counter_add(uint64_t *c, uint64_t v) {
+    __atomic_store_n(c, __atomic_load_n(c, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED);
+}
 
 typedef struct kt_inst {
     struct kt_inst *next;
@@ -350,7 +433,8 @@ static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
     int64_t latency = -1, msg_ts = -1;
     int32_t key_len = m->key ? (int32_t)(m->key_len > KT_MAX_KEY ? KT_MAX_KEY : m->key_len) : -1;
     int tstype = 0;
-    kt_lane *lane = &in->lanes[kind == KT_SEND ? LANE_SEND : LANE_REPORT];
+    int lane_id = kind == KT_SEND ? LANE_SEND : LANE_REPORT, free_of_lock = lock_free(lane_id);
+    kt_lane *lane = &in->lanes[lane_id];
     kt_buf *b;
     kt_rec *r;
 
@@ -359,14 +443,20 @@ static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
     if (kind != KT_SEND) /* a send's timestamp is its creation time: ts, to the microsecond */
         msg_ts = api.message_timestamp(m, &tstype);
 
-    lane_lock(lane);
-    b = &lane->bufs[lane->active];
+    if (free_of_lock) {
+        __atomic_store_n(&lane->busy, 1, __ATOMIC_RELAXED);
+        __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the CPU's side of this is the swap's membarrier */
+    } else {
+        lane_lock(lane);
+    }
+    b = &lane->bufs[__atomic_load_n(&lane->active, __ATOMIC_ACQUIRE)];
     if (b->n >= in->max_records || (key_len > 0 && (uint64_t)b->arena_len + (uint32_t)key_len > in->max_arena)) {
-        lane->dropped++;
-        lane_unlock(lane);
-        return;
+        counter_add(&lane->dropped, 1);
+        goto done;
     }
     r = &b->recs[b->n++];
+    if (__builtin_expect(test_append_spin_ns != 0, 0) && (b->n & 63) == 0)
+        spin_ns(test_append_spin_ns);
     prefetch_for_write(r + KT_PREFETCH_RECORDS);
     prefetch_for_write(b->arena + b->arena_len + KT_PREFETCH_KEY_BYTES);
     r->ts_us = ts;
@@ -389,8 +479,12 @@ static void record(kt_inst *in, int kind, const rd_kafka_message_t *m) {
         b->err_name_len += strlen(api.err2name(m->err));
         b->err_msg_len += strlen(api.err2str(m->err));
     }
-    lane->recorded++;
-    lane_unlock(lane);
+    counter_add(&lane->recorded, 1);
+done:
+    if (free_of_lock)
+        __atomic_store_n(&lane->busy, 0, __ATOMIC_RELEASE);
+    else
+        lane_unlock(lane);
 }
 
 static rd_kafka_resp_err_t on_send(rd_kafka_t *rk, rd_kafka_message_t *m, void *opaque) {
@@ -932,18 +1026,24 @@ static kt_inst *swap_out(uint64_t src, kt_buf **drained, kt_columns *out, int *n
     if (in) {
         for (l = 0; l < KT_LANES; l++) {
             kt_lane *lane = &in->lanes[l];
-            lane_lock(lane);
+            kt_buf *next;
+            int old;
+            lane_lock(lane); /* against other drains and status calls, and the lane's appenders unless lock_free */
             /* Taken before the swap: every record of the next buffer is stamped after it. */
             ends[l] = anchor_now();
-            drained[l] = &lane->bufs[lane->active];
-            lane->active ^= 1;
-            lane->bufs[lane->active].since = ends[l];
-            lane->bufs[lane->active].n = 0;
-            lane->bufs[lane->active].arena_len = 0;
-            lane->bufs[lane->active].err_name_len = 0;
-            lane->bufs[lane->active].err_msg_len = 0;
-            out->recorded += lane->recorded;
-            out->dropped += lane->dropped;
+            old = lane->active;
+            drained[l] = &lane->bufs[old];
+            next = &lane->bufs[old ^ 1];
+            next->since = ends[l];
+            next->n = 0;
+            next->arena_len = 0;
+            next->err_name_len = 0;
+            next->err_msg_len = 0;
+            __atomic_store_n(&lane->active, old ^ 1, __ATOMIC_RELEASE); /* after the resets, for lock-free appenders */
+            if (lock_free(l))
+                quiesce(lane);
+            out->recorded += __atomic_load_n(&lane->recorded, __ATOMIC_RELAXED);
+            out->dropped += __atomic_load_n(&lane->dropped, __ATOMIC_RELAXED);
             lane_unlock(lane);
         }
         out->live = in->live;
@@ -1022,7 +1122,7 @@ KT_EXPORT int kt_drain_columns(uint64_t src, kt_columns *out) {
     if (!blk) {
         kt_lane *lane = &in->lanes[LANE_REPORT];
         lane_lock(lane);
-        lane->dropped += n;
+        counter_add(&lane->dropped, n);
         lane_unlock(lane);
         out->dropped += n;
         out->n = 0;
@@ -1594,10 +1694,10 @@ KT_EXPORT int kt_status(uint64_t src, kt_columns *out) {
         int l;
         for (l = 0; l < KT_LANES; l++) {
             kt_lane *lane = &in->lanes[l];
-            lane_lock(lane);
-            out->n += lane->bufs[lane->active].n;
-            out->recorded += lane->recorded;
-            out->dropped += lane->dropped;
+            lane_lock(lane); /* a lock-free appender may still be counting: these are a moment's figures */
+            out->n += __atomic_load_n(&lane->bufs[__atomic_load_n(&lane->active, __ATOMIC_ACQUIRE)].n, __ATOMIC_RELAXED);
+            out->recorded += __atomic_load_n(&lane->recorded, __ATOMIC_RELAXED);
+            out->dropped += __atomic_load_n(&lane->dropped, __ATOMIC_RELAXED);
             lane_unlock(lane);
         }
         out->live = in->live;

@@ -676,6 +676,47 @@ def test_producing_from_several_threads_while_draining_loses_nothing(
     assert status is not None and status.dropped == 0 and status.recorded == 40_000
 
 
+def test_a_drain_waits_for_a_send_still_being_appended(src: int) -> None:
+    # Fault injection, as nothing else holds an append in flight long enough to test: every
+    # 64th append pauses 50 us between taking its slot and writing it (kt_test_append_spin),
+    # a third of the producing time, and a thread swaps the buffers in a tight loop, so that
+    # some swaps land mid-append and the drain converts the buffer while that record is
+    # unwritten. (The swaps run without the GIL; between them the thread takes it once, to
+    # import the batch, which is why the batches stay in the wire form until the end.)
+    conf = {"bootstrap.servers": "127.0.0.1:1", "queue.buffering.max.messages": 1_000_000}
+    p = confluent_kafka.Producer(native.configure(conf, src))
+    held = native._plugin().held
+    batches: list[pa.RecordBatch] = []
+    stop = threading.Event()
+
+    def drain() -> None:
+        seq = 1
+        while not stop.is_set():
+            batch = native.drain(src, first_seq=seq, wire=True)
+            if batch is not None:
+                seq += batch.num_rows
+                batches.append(batch)
+
+    drainer = threading.Thread(target=drain)
+    held.kt_test_append_spin(50_000)
+    drainer.start()
+    try:
+        for i in range(200_000):
+            p.produce("t", b"v", f"k{i:06d}".encode())
+    finally:
+        held.kt_test_append_spin(0)
+        stop.set()
+        drainer.join()
+        p.purge()
+    tail = native.drain(src, first_seq=1 + sum(b.num_rows for b in batches), wire=True)
+    batches += [tail] if tail is not None else []
+    assert len(batches) >= 10, "the drainer swapped while sends were appended"
+    events = [e for b in batches for e in from_wire(b).to_pylist()]
+    sends = [e for e in events if e["kind"] == "send"]
+    assert [e["key"] for e in sends] == [f"k{i:06d}".encode() for i in range(200_000)]
+    assert all(e["topic"] == "t" and e["value_size"] == 1 for e in sends)
+
+
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", code],
