@@ -161,17 +161,21 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* One step of waiting for another thread: spin a while, then yield in case it was preempted. */
+static inline void backoff(int *spins) {
+    if (++*spins < KT_LOCK_SPINS) {
+        cpu_relax();
+    } else {
+        sched_yield();
+        *spins = 0;
+    }
+}
+
 static inline void lane_lock(kt_lane *lane) {
     int spins = 0;
     while (__atomic_exchange_n(&lane->lock, 1, __ATOMIC_ACQUIRE))
-        while (__atomic_load_n(&lane->lock, __ATOMIC_RELAXED)) {
-            if (++spins < KT_LOCK_SPINS) {
-                cpu_relax();
-            } else {
-                sched_yield();
-                spins = 0;
-            }
-        }
+        while (__atomic_load_n(&lane->lock, __ATOMIC_RELAXED))
+            backoff(&spins);
 }
 
 static inline void lane_unlock(kt_lane *lane) { __atomic_store_n(&lane->lock, 0, __ATOMIC_RELEASE); }
@@ -225,14 +229,8 @@ static void quiesce(kt_lane *lane) {
 #if defined(__linux__) && defined(__NR_membarrier)
     membarrier_call(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
 #endif
-    while (__atomic_load_n(&lane->busy, __ATOMIC_ACQUIRE)) {
-        if (++spins < KT_LOCK_SPINS) {
-            cpu_relax();
-        } else {
-            sched_yield();
-            spins = 0;
-        }
-    }
+    while (__atomic_load_n(&lane->busy, __ATOMIC_ACQUIRE))
+        backoff(&spins);
 }
 
 /* Tests only (kt_test_append_spin): every 64th append pauses this long between taking its
