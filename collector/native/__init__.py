@@ -312,6 +312,7 @@ def _load() -> _Plugin:
     ]
     held.kt_status.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Columns)]
     held.kt_exports_live.restype = ctypes.c_int64
+    held.kt_barrier_failures.restype = ctypes.c_int64
     held.kt_test_append_spin.argtypes = [ctypes.c_uint32]
     held.kt_test_append_spin.restype = None
     return _Plugin(lib, str(path), rdk_path, held)

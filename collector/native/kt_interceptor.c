@@ -209,6 +209,7 @@ static int membarrier_call(int cmd) { return (int)syscall(__NR_membarrier, cmd, 
 
 KT_EXPORT int kt_single_writer(int want) {
 #if defined(__linux__) && defined(__NR_membarrier)
+    /* The registration is the process's, and a forked child keeps it (Linux resets it on exec). */
     if (want && !single_writer) {
         int cmds = membarrier_call(MEMBARRIER_CMD_QUERY);
         if (cmds > 0 && (cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
@@ -223,11 +224,16 @@ KT_EXPORT int kt_single_writer(int want) {
 
 static inline int lock_free(int lane_id) { return lane_id == LANE_SEND && single_writer; }
 
+static int64_t barrier_failures; /* membarrier calls refused (none expected): kt_barrier_failures */
+
+KT_EXPORT int64_t kt_barrier_failures(void) { return __atomic_load_n(&barrier_failures, __ATOMIC_RELAXED); }
+
 /* After a single-writer lane's `active` changed: wait out an append still on the old buffer. */
 static void quiesce(kt_lane *lane) {
     int spins = 0;
 #if defined(__linux__) && defined(__NR_membarrier)
-    membarrier_call(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
+    if (membarrier_call(MEMBARRIER_CMD_PRIVATE_EXPEDITED) != 0)
+        __atomic_add_fetch(&barrier_failures, 1, __ATOMIC_RELAXED);
 #endif
     while (__atomic_load_n(&lane->busy, __ATOMIC_ACQUIRE))
         backoff(&spins);

@@ -729,6 +729,36 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_a_forked_child_records_sends_with_its_own_barrier() -> None:
+    # An application that traced before forking (a pre-fork server, multiprocessing): the
+    # lock-free send lane's drain calls the expedited membarrier, which the parent
+    # registered; the child must be able to call it too (Linux keeps the registration
+    # across fork), or its drains would not wait out an append in flight.
+    code = """
+import os, confluent_kafka
+from collector import native
+parent_mode = native.lock_free_sends()
+pid = os.fork()
+if pid == 0:
+    p = confluent_kafka.Producer(native.configure({"bootstrap.servers": "127.0.0.1:1"}, 99))
+    for i in range(1000):
+        p.produce("t", b"v", b"k%d" % i)
+    batch = native.drain(99)
+    keys = [e["key"] for e in batch.to_pylist()] if batch is not None else []
+    ok = keys == [b"k%d" % i for i in range(1000)] and native._plugin().held.kt_barrier_failures() == 0
+    print("child", native.lock_free_sends(), ok, flush=True)
+    p.purge()
+    os._exit(0)
+os.waitpid(pid, 0)
+print("parent", parent_mode)
+"""
+    out = _python(code)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["child"].split()[1] == "True", out.stdout
+    assert lines["child"].split()[0] == lines["parent"], "the child keeps the parent's mode"
+
+
 def test_can_be_switched_off() -> None:
     out = _python(
         "from collector import native; print(native.available(), native.unavailable_reason())", KEYTRACE_NATIVE="0"
