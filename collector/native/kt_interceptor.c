@@ -1499,6 +1499,16 @@ static void init_schema(kt_export *x, struct ArrowSchema *s, const char *format,
     s->private_data = x;
 }
 
+/* A string dictionary (int32 offsets and characters) as the next array and schema; its index. */
+static int add_dictionary(kt_export *x, int *na, int64_t length, const void *offsets, const void *chars) {
+    int d = (*na)++;
+    const void **db = x->buffers[d];
+    init_array(x, &x->arrays[d], db, length, 0, 3);
+    db[0] = NULL, db[1] = offsets, db[2] = chars;
+    init_schema(x, &x->schemas[d], "u", NULL, ARROW_FLAG_NULLABLE);
+    return d;
+}
+
 KT_EXPORT int kt_export_batch(const kt_columns *c, const kt_export_names *nm, const kt_export_args *args,
                               struct ArrowSchema *out_schema, struct ArrowArray *out_array) {
     const uint8_t *blk = c->block;
@@ -1559,8 +1569,7 @@ KT_EXPORT int kt_export_batch(const kt_columns *c, const kt_export_names *nm, co
             int col = nm->order[k];
             struct ArrowArray *a;
             struct ArrowSchema *s;
-            struct ArrowArray *dict = NULL;
-            struct ArrowSchema *dict_s = NULL;
+            int dict = -1; /* the index of its dictionary, if it has one */
             const void **bufs;
             const char *format;
             int64_t nulls = 0, flags = nm->nullable[col] ? ARROW_FLAG_NULLABLE : 0;
@@ -1584,30 +1593,22 @@ KT_EXPORT int kt_export_batch(const kt_columns *c, const kt_export_names *nm, co
             if (col < KT_NCOLS)
                 bufs[1] = BUF(c->buf[col][1]);
             switch (col) {
-            case C_KIND:
-            case C_TOPIC:
-                format = col == C_KIND ? "c" : "s";
-                dict = &x->arrays[na];
-                dict_s = &x->schemas[na];
-                na++;
-                if (col == C_KIND) {
-                    int32_t o = 0;
-                    const void **db = x->buffers[dict - x->arrays];
-                    const char *chars = x->text + x->text_len;
-                    for (int j = 0; j < KT_NKINDS; j++) {
-                        x->offsets[0][j] = o;
-                        put(x, nm->kinds[j].p, (uint64_t)nm->kinds[j].len);
-                        o += (int32_t)nm->kinds[j].len;
-                    }
-                    x->offsets[0][KT_NKINDS] = o;
-                    init_array(x, dict, db, KT_NKINDS, 0, 3);
-                    db[0] = NULL, db[1] = x->offsets[0], db[2] = chars;
-                } else {
-                    const void **db = x->buffers[dict - x->arrays];
-                    init_array(x, dict, db, (int64_t)c->ntopics, 0, 3);
-                    db[0] = NULL, db[1] = BUF(c->topic_offsets), db[2] = BUF(c->buf[C_TOPIC][2]);
+            case C_KIND: {
+                int32_t o = 0;
+                const char *chars = x->text + x->text_len;
+                for (int j = 0; j < KT_NKINDS; j++) {
+                    x->offsets[0][j] = o;
+                    put(x, nm->kinds[j].p, (uint64_t)nm->kinds[j].len);
+                    o += (int32_t)nm->kinds[j].len;
                 }
-                init_schema(x, dict_s, "u", NULL, ARROW_FLAG_NULLABLE);
+                x->offsets[0][KT_NKINDS] = o;
+                format = "c";
+                dict = add_dictionary(x, &na, KT_NKINDS, x->offsets[0], chars);
+                break;
+            }
+            case C_TOPIC:
+                format = "s";
+                dict = add_dictionary(x, &na, (int64_t)c->ntopics, BUF(c->topic_offsets), BUF(c->buf[C_TOPIC][2]));
                 break;
             case C_ERR_NAME:
             case C_ERR_MESSAGE:
@@ -1629,25 +1630,20 @@ KT_EXPORT int kt_export_batch(const kt_columns *c, const kt_export_names *nm, co
             case S_MEMBER_ID: {
                 kt_str v = args->constant[col - S_CLIENT_ID];
                 int32_t *o = x->offsets[1 + col - S_CLIENT_ID];
-                const void **db;
-                format = "c";
-                bufs[1] = x->zeros;
-                dict = &x->arrays[na];
-                dict_s = &x->schemas[na];
-                db = x->buffers[na];
-                na++;
                 o[0] = 0, o[1] = (int32_t)v.len;
-                init_array(x, dict, db, 1, 0, 3);
-                db[0] = NULL, db[1] = o, db[2] = put(x, v.p, (uint64_t)v.len);
-                init_schema(x, dict_s, "u", NULL, ARROW_FLAG_NULLABLE);
+                format = "c";
+                bufs[1] = x->zeros; /* every row: index 0 */
+                dict = add_dictionary(x, &na, 1, o, put(x, v.p, (uint64_t)v.len));
                 break;
             }
             default: /* integers, narrowed to width[col] bytes */
                 format = int_format(c->width[col]);
             }
-            a->dictionary = dict;
             init_schema(x, s, format, put_str(x, nm->slot_name[col]), flags);
-            s->dictionary = dict_s;
+            if (dict >= 0) {
+                a->dictionary = &x->arrays[dict];
+                s->dictionary = &x->schemas[dict];
+            }
             if (col == C_TS || col == C_OFFSET || col == C_LATENCY || col == C_MSG_TS) {
                 /* Delta-encoded: the encoding, its base, and the differences that did not fit. */
                 char patch[64 * KT_MAX_PATCHES] = "";
